@@ -26,8 +26,12 @@ stamp="$VENV/.tinylstm-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "setup: installing tinylstm into $VENV"
     [ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    log="$VENV/pip-install.log"
     # torch and executorch in one command, so executorch gets the pinned CPU torch.
-    "$VENV/bin/pip" install -q torch==2.13.0 executorch==1.5.1 -e ".[dev]"
+    if ! "$VENV/bin/pip" install torch==2.13.0 executorch==1.5.1 -e ".[dev]" >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        echo "setup: pip install failed; full log in $log" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi

@@ -260,7 +260,8 @@ def _check(cond: bool, message: str) -> None:
 
 
 def _check_shape(name: str, a: np.ndarray, *shapes: tuple[int, ...]) -> None:
-    _check(a.shape in shapes, f"{name} has shape {list(a.shape)}, expected " + " or ".join(str(list(s)) for s in shapes))
+    expected = " or ".join(str(list(s)) for s in shapes)
+    _check(a.shape in shapes, f"{name} has shape {list(a.shape)}, expected {expected}")
 
 
 def _check_int8(name: str, v: int) -> None:
@@ -293,7 +294,8 @@ def validate(model: QuantizedModel) -> None:
         _check(isinstance(H, int) and H >= 1, f"{p}.hidden_size = {H!r} must be >= 1")
         _check(In == prev_size, f"{p}.input_size = {In} but the previous stage gives {prev_size}")
         _check(layer.input_zero_point == prev_zp,
-               f"{p}.input_zero_point = {layer.input_zero_point} but the previous stage's output zero point is {prev_zp}")
+               f"{p}.input_zero_point = {layer.input_zero_point} "
+               f"but the previous stage's output zero point is {prev_zp}")
         _check_int8(f"{p}.output_zero_point", layer.output_zero_point)
         _check_shape(f"{p}.input_weights", layer.input_weights, (4, H, In))
         _check_shape(f"{p}.hidden_weights", layer.hidden_weights, (4, H, H))
@@ -312,7 +314,8 @@ def validate(model: QuantizedModel) -> None:
         prev_size, prev_zp = H, layer.output_zero_point
     if model.head is not None:
         head = model.head
-        _check(head.input_size == prev_size, f"head.input_size = {head.input_size} but the last layer gives {prev_size}")
+        _check(head.input_size == prev_size,
+               f"head.input_size = {head.input_size} but the last layer gives {prev_size}")
         _check(head.input_zero_point == prev_zp,
                f"head.input_zero_point = {head.input_zero_point} but the last layer's is {prev_zp}")
         _check(isinstance(head.output_size, int) and head.output_size >= 1, "head.output_size must be >= 1")
