@@ -1,0 +1,293 @@
+"""The board catalogue: one JSON file per board in ``boards/`` (schema in docs/boards.md).
+
+Boards are data: adding a board means adding ``boards/<name>.json``. Every file is checked on load, and a
+malformed one is reported with its path and the field at fault.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BOARDS_DIR = Path(__file__).resolve().parents[1] / "boards"
+ARCHES = ("avr", "arm", "xtensa", "riscv")  # code-generation families
+FPUS = ("none", "single", "double")
+EMULATOR_KINDS = ("simavr", "qemu")
+SOURCED_FIELDS = ("clock_hz", "ram_bytes", "flash_bytes")  # every figure names where it came from
+OVERHEAD_RAM = ("framework", "hil", "stack")
+OVERHEAD_FLASH = ("framework", "hil")
+
+
+class BoardError(ValueError):
+    """A board that does not exist, or a board file that is malformed."""
+
+
+@dataclass(frozen=True)
+class Emulator:
+    kind: str  # "simavr" or "qemu"
+    machine: str  # simavr MCU name or QEMU -M machine
+
+
+@dataclass(frozen=True)
+class PlatformIO:
+    platform: str
+    board: str
+    framework: str
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """RAM and flash that the firmware around the model takes (framework, HIL protocol, stack reserve)."""
+
+    ram: dict[str, int]
+    flash: dict[str, int]
+    estimate: bool
+    source: str
+
+    @property
+    def ram_bytes(self) -> int:
+        return sum(self.ram.values())
+
+    @property
+    def flash_bytes(self) -> int:
+        return sum(self.flash.values())
+
+
+@dataclass(frozen=True)
+class KernelCode:
+    """Machine code (.text) for this board's target and compiler flags, measured (docs/boards.md).
+
+    The kernel's functions are measured exactly (``tinylstm_dense`` is dropped by --gc-sections when a model
+    has no head); the generated model's functions vary by a few bytes with its constants, so they are given
+    as a bound, ``model_text_base + model_text_per_layer * layers``.
+    """
+
+    kernel_text_bytes: int
+    dense_text_bytes: int
+    model_text_base: int
+    model_text_per_layer: int
+    estimate: bool
+    source: str
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    description: str
+    mcu: str
+    core: str  # e.g. "avr5", "cortex-m4", "xtensa-lx6", "rv32imc"
+    arch: str  # code-generation family, one of ARCHES
+    clock_hz: int
+    ram_bytes: int  # RAM that .data, .bss and the stack may use
+    flash_bytes: int  # flash the application image may use (after any bootloader)
+    sources: dict[str, str]
+    dsp: bool
+    fpu: str
+    gcc_target_flags: tuple[str, ...]
+    platformio: PlatformIO
+    emulator: Emulator | None
+    overhead: Overhead
+    code: KernelCode
+    path: Path
+
+    @property
+    def emulated(self) -> bool:
+        return self.emulator is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The board as its file's JSON document."""
+        return json.loads(self.path.read_text())
+
+    def describe(self) -> str:
+        """Every figure of the board, each with its source."""
+        overhead, code = self.overhead, self.code
+
+        def parts(counts: dict[str, int]) -> str:
+            return ", ".join(f"{name} {nbytes:,}" for name, nbytes in counts.items())
+
+        emulator = f"{self.emulator.kind} {self.emulator.machine}" if self.emulator else "none (a real board)"
+        return "\n".join([
+            f"{self.name}: {self.description}",
+            f"  MCU         {self.mcu} ({self.core}; code generation: {self.arch})",
+            f"  clock       {self.clock_hz:,} Hz",
+            f"              source: {self.sources['clock_hz']}",
+            f"  RAM         {self.ram_bytes:,} bytes",
+            f"              source: {self.sources['ram_bytes']}",
+            f"  flash       {self.flash_bytes:,} bytes",
+            f"              source: {self.sources['flash_bytes']}",
+            f"  DSP/SIMD    {'yes' if self.dsp else 'no'}",
+            f"  FPU         {self.fpu}",
+            f"  PlatformIO  platform = {self.platformio.platform}, board = {self.platformio.board}, "
+            f"framework = {self.platformio.framework}",
+            f"  emulator    {emulator}",
+            f"  overhead    RAM {overhead.ram_bytes:,} bytes ({parts(overhead.ram)}), "
+            f"flash {overhead.flash_bytes:,} bytes ({parts(overhead.flash)})"
+            f"{' [estimate]' if overhead.estimate else ''}",
+            f"              source: {overhead.source}",
+            f"  code        kernel {code.kernel_text_bytes:,} bytes (of which the dense head "
+            f"{code.dense_text_bytes:,}), generated model at most {code.model_text_base:,} + "
+            f"{code.model_text_per_layer:,} per layer{' [estimate]' if code.estimate else ''}",
+            f"              source: {code.source}",
+            f"  file        {self.path}",
+        ])
+
+
+def board_names(directory: Path = BOARDS_DIR) -> list[str]:
+    """Names of the boards in the catalogue (the files ``<name>.json`` directly in ``directory``)."""
+    return sorted(p.stem for p in directory.glob("*.json"))
+
+
+def list_boards(directory: Path = BOARDS_DIR) -> list[Board]:
+    """Every board in the catalogue, sorted by name."""
+    return [_load_file(directory / f"{name}.json") for name in board_names(directory)]
+
+
+def load_board(name_or_path: str | Path, directory: Path = BOARDS_DIR) -> Board:
+    """A board by catalogue name (``uno``) or by the path of a board file."""
+    text = str(name_or_path)
+    if text.endswith(".json") or "/" in text:
+        path = Path(text)
+        if not path.is_file():
+            raise BoardError(f"{path}: no such board file")
+        return _load_file(path)
+    path = directory / f"{text}.json"
+    if not path.is_file():
+        names = board_names(directory)
+        close = difflib.get_close_matches(text, names, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known boards: {', '.join(names)}"
+        raise BoardError(f"unknown board {text!r}; {hint}")
+    return _load_file(path)
+
+
+class _Fields:
+    """Typed access to one JSON object of a board file; faults name the file and the dotted field."""
+
+    def __init__(self, path: Path, data: Any, prefix: str = "") -> None:
+        if not isinstance(data, dict):
+            where = prefix.rstrip(".") or "the top level"
+            raise BoardError(f"{path}: {where} must be a JSON object")
+        self.path, self.data, self.prefix = path, data, prefix
+
+    def fail(self, key: str, message: str) -> BoardError:
+        return BoardError(f"{self.path}: field '{self.prefix}{key}': {message}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+        if key not in self.data:
+            if required:
+                raise self.fail(key, "missing")
+            return None
+        value = self.data[key]
+        # JSON true/false are Python bools, which are also ints: keep them apart.
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.fail(key, f"expected {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self.fail(key, f"expected {_kind_name(kind)}, got {value!r}")
+        return value
+
+    def text(self, key: str) -> str:
+        value = self.get(key, str)
+        if not value.strip():
+            raise self.fail(key, "must not be empty")
+        return value
+
+    def positive(self, key: str) -> int:
+        value = self.get(key, int)
+        if value <= 0:
+            raise self.fail(key, f"must be a positive number of bytes or hertz, got {value}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        value = self.get(key, str)
+        if value not in choices:
+            raise self.fail(key, f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def sub(self, key: str, required: bool = True) -> _Fields | None:
+        value = self.get(key, (dict, type(None)) if not required else dict, required)
+        return None if value is None else _Fields(self.path, value, f"{self.prefix}{key}.")
+
+    def byte_counts(self, key: str, names: tuple[str, ...]) -> dict[str, int]:
+        fields = self.sub(key)
+        counts = {}
+        for name in names:
+            value = fields.get(name, int)
+            if value < 0:
+                raise fields.fail(name, f"must be >= 0, got {value}")
+            counts[name] = value
+        return counts
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {bool: "true/false", int: "an integer", str: "a string", dict: "an object", list: "a list",
+             type(None): "null"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _load_file(path: Path) -> Board:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise BoardError(f"{path}: cannot read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise BoardError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    f = _Fields(path, data)
+    name = f.text("name")
+    if name != path.stem:
+        raise f.fail("name", f"{name!r} must match the file name {path.stem!r}")
+
+    sources = f.sub("sources")
+    source_texts = {key: sources.text(key) for key in SOURCED_FIELDS}
+
+    flags = f.get("gcc_target_flags", list)
+    if not all(isinstance(flag, str) for flag in flags):
+        raise f.fail("gcc_target_flags", "must be a list of strings")
+
+    pio = f.sub("platformio")
+    platformio = PlatformIO(pio.text("platform"), pio.text("board"), pio.text("framework"))
+
+    emu = f.sub("emulator", required=False)
+    emulator = Emulator(emu.choice("kind", EMULATOR_KINDS), emu.text("machine")) if emu else None
+
+    ovh = f.sub("overhead")
+    overhead = Overhead(
+        ram=ovh.byte_counts("ram", OVERHEAD_RAM),
+        flash=ovh.byte_counts("flash", OVERHEAD_FLASH),
+        estimate=ovh.get("estimate", bool),
+        source=ovh.text("source"),
+    )
+
+    code_fields = f.sub("code")
+    code = KernelCode(
+        kernel_text_bytes=code_fields.positive("kernel_text_bytes"),
+        dense_text_bytes=code_fields.positive("dense_text_bytes"),
+        model_text_base=code_fields.positive("model_text_base"),
+        model_text_per_layer=code_fields.positive("model_text_per_layer"),
+        estimate=code_fields.get("estimate", bool),
+        source=code_fields.text("source"),
+    )
+    if code.dense_text_bytes > code.kernel_text_bytes:
+        raise code_fields.fail("dense_text_bytes", "is part of kernel_text_bytes, so it cannot be larger")
+
+    return Board(
+        name=name,
+        description=f.text("description"),
+        mcu=f.text("mcu"),
+        core=f.text("core"),
+        arch=f.choice("arch", ARCHES),
+        clock_hz=f.positive("clock_hz"),
+        ram_bytes=f.positive("ram_bytes"),
+        flash_bytes=f.positive("flash_bytes"),
+        sources=source_texts,
+        dsp=f.get("dsp", bool),
+        fpu=f.choice("fpu", FPUS),
+        gcc_target_flags=tuple(flags),
+        platformio=platformio,
+        emulator=emulator,
+        overhead=overhead,
+        code=code,
+        path=path,
+    )

@@ -1,0 +1,331 @@
+"""The memory-budget planner: will a model of this shape fit this board, byte by byte?
+
+Every model figure comes from ``tinylstm.export.memory_layout`` and ``kernel_layout``, the same layout the C
+templates emit, so the plan and the generated objects cannot disagree. Around them the plan adds what the
+firmware allocates for the model (the output buffer, and the input window when it is buffered on the device),
+worst-case alignment padding, the measured machine code (the board file's ``code`` record), and the board's
+overhead (framework, HIL protocol, stack reserve). A plan takes microseconds, so sweeps can call it freely.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+from tinylstm.boards import Board
+from tinylstm.export import Buffer, ModelShape, kernel_layout, memory_layout
+
+DEFAULT_MARGIN = 0.10
+MAX_HIDDEN = 4096  # search limit and CLI limit
+MAX_WINDOW = 100_000
+
+FITS, TIGHT, DOES_NOT_FIT = "fits", "tight", "does not fit"
+REGIONS = ("flash", "ram")
+
+# avr-gcc limits: ptrdiff_t is 16 bits, so no object may exceed 32767 bytes, and the kernel reads constants
+# with 16-bit program-memory addresses (pgm_read_*), so they must lie in the first 64 KB of flash.
+AVR_MAX_OBJECT = 32767
+AVR_PROGMEM_REACH = 65536
+
+# What each generated object is, from its name in the layout.
+_CATEGORIES = (
+    (re.compile(r"_weights$"), "weights"),
+    (re.compile(r"_bias$"), "kernel sums"),
+    (re.compile(r"_(multiplier|shift)$"), "multipliers/shifts"),
+    (re.compile(r"_params$"), "parameter structs"),
+    (re.compile(r"sigmoid_table$"), "activation table"),
+    (re.compile(r"_hidden$"), "h"),
+    (re.compile(r"_cell$"), "c"),
+    (re.compile(r"^scratch$"), "scratch"),
+)
+# Alignment of each object on a 32-bit target (int32 arrays and the parameter structs: 4, int16: 2, int8: 1).
+# AVR aligns nothing. An object not listed is assumed word aligned, which only overstates the padding bound.
+_ALIGN_32BIT = (
+    (re.compile(r"_(bias|multiplier|params)$"), 4),
+    (re.compile(r"(_cell|sigmoid_table)$"), 2),
+    (re.compile(r"(_weights|_shift|_hidden|^scratch)$"), 1),
+)
+# The layout family each code-generation arch uses: ILP32 targets share the Arm EABI sizes and alignments.
+_LAYOUT_ARCH = {"avr": "avr", "arm": "arm", "xtensa": "arm", "riscv": "arm"}
+
+
+class PlanError(ValueError):
+    """A shape or option the planner cannot plan for (for example a size of zero)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of the plan: bytes of one kind in one region, and who allocates them."""
+
+    name: str
+    category: str
+    region: str  # "flash" or "ram"
+    nbytes: int
+    part: str  # "model" (generated model source), "kernel" (static kernel), "firmware" (buffers it allocates)
+    upper_bound: bool = False  # True for figures that are a bound, not an exact count
+
+
+@dataclass(frozen=True)
+class Resource:
+    """Flash or RAM: the board's capacity against what the model part and the firmware around it take."""
+
+    region: str
+    capacity: int
+    model: int
+    overhead: int
+    status: str
+
+    @property
+    def total(self) -> int:
+        return self.model + self.overhead
+
+    @property
+    def headroom(self) -> int:
+        return self.capacity - self.total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "model": self.model, "overhead": self.overhead, "total": self.total,
+                "headroom": self.headroom, "status": self.status}
+
+
+@dataclass(frozen=True)
+class Plan:
+    board: Board
+    shape: ModelShape
+    buffer_window: bool
+    margin: float
+    items: tuple[Item, ...]
+    flash: Resource
+    ram: Resource
+    reasons: tuple[str, ...]  # why it does not fit, one line per fault
+    verdict: str  # FITS, TIGHT or DOES_NOT_FIT
+
+    @property
+    def fits(self) -> bool:
+        """True when the model fits, tight or not."""
+        return self.verdict != DOES_NOT_FIT
+
+    @property
+    def overflowing(self) -> tuple[str, ...]:
+        return tuple(r.region for r in (self.flash, self.ram) if r.status == DOES_NOT_FIT)
+
+    @property
+    def estimates(self) -> tuple[str, ...]:
+        """Figures of the plan that are estimates rather than measurements."""
+        notes = []
+        if self.board.overhead.estimate:
+            notes.append("board overhead")
+        if self.board.code.estimate:
+            notes.append("code")
+        return tuple(notes)
+
+    def summary(self) -> str:
+        """One line: the verdict and, when it does not fit, the first fault of each overflowing resource."""
+        if self.fits:
+            return f"{self.verdict} {self.board.name}"
+        faults = [next(r for r in self.reasons if r.startswith(f"{region}:")) for region in self.overflowing]
+        return f"does not fit {self.board.name}: " + "; ".join(faults)
+
+    def category_totals(self, region: str) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for item in self.items:
+            if item.region == region:
+                totals[item.category] = totals.get(item.category, 0) + item.nbytes
+        return totals
+
+    def to_dict(self) -> dict[str, Any]:
+        shape = self.shape
+        return {
+            "board": self.board.name,
+            "shape": {"input_size": shape.input_size, "hidden_sizes": list(shape.hidden_sizes),
+                      "window": shape.window, "outputs": shape.outputs, "per_channel": shape.per_channel},
+            "options": {"buffer_window": self.buffer_window, "margin": self.margin},
+            "verdict": self.verdict,
+            "overflowing": list(self.overflowing),
+            "reasons": list(self.reasons),
+            "flash": self.flash.to_dict(),
+            "ram": self.ram.to_dict(),
+            "items": [{"name": i.name, "category": i.category, "region": i.region, "bytes": i.nbytes,
+                       "part": i.part, "upper_bound": i.upper_bound} for i in self.items],
+            "overhead": {"ram": dict(self.board.overhead.ram), "flash": dict(self.board.overhead.flash),
+                         "estimate": self.board.overhead.estimate},
+            "estimates": list(self.estimates),
+        }
+
+    def describe(self) -> str:
+        """A human-readable table: model items by category, overhead, totals, headroom and the verdict."""
+        lines = [f"{self.board.name}: {self.board.description} ({self.board.mcu}, {self.board.core})",
+                 f"model: input {self.shape.input_size}, hidden {list(self.shape.hidden_sizes)}, window "
+                 f"{self.shape.window} ({'buffered on the device' if self.buffer_window else 'streamed'}), "
+                 f"outputs {self.shape.outputs if self.shape.outputs is not None else 'none (last h)'}"
+                 f"{', per-channel scales' if self.shape.per_channel else ''}"]
+        overhead = self.board.overhead
+        for resource, extra in ((self.flash, overhead.flash), (self.ram, overhead.ram)):
+            lines.append("")
+            lines.append(f"{resource.region.upper():<34}{'bytes':>10}")
+            for category, nbytes in self.category_totals(resource.region).items():
+                bound = any(i.upper_bound for i in self.items
+                            if i.region == resource.region and i.category == category)
+                lines.append(f"  {category + (' (at most)' if bound else ''):<32}{nbytes:>10,}")
+            lines.append(f"  {'model part':<32}{resource.model:>10,}")
+            tag = " (estimate)" if overhead.estimate else ""
+            for name, nbytes in extra.items():
+                lines.append(f"  {'overhead: ' + name + tag:<32}{nbytes:>10,}")
+            lines.append(f"  {'total':<32}{resource.total:>10,}")
+            lines.append(f"  {'capacity':<32}{resource.capacity:>10,}")
+            share = resource.headroom / resource.capacity
+            lines.append(f"  {'headroom':<32}{resource.headroom:>10,}  ({share:.1%})  {resource.status}")
+        lines.append("")
+        lines.append(f"verdict: {self.verdict}" + (f" ({', '.join(self.overflowing)})" if self.overflowing else ""))
+        lines.extend(f"  {reason}" for reason in self.reasons)
+        if self.verdict == TIGHT:
+            lines.append(f"  headroom is under the {self.margin:.0%} margin")
+        if self.estimates:
+            lines.append(f"estimates: {', '.join(self.estimates)} (see the board file)")
+        return "\n".join(lines)
+
+
+def _category(name: str) -> str:
+    for pattern, category in _CATEGORIES:
+        if pattern.search(name):
+            return category
+    return "other"
+
+
+def _alignment(name: str, layout_arch: str) -> int:
+    if layout_arch == "avr":
+        return 1
+    for pattern, align in _ALIGN_32BIT:
+        if pattern.search(name):
+            return align
+    return 4
+
+
+def _padding_bound(buffers: list[Buffer], region: str, layout_arch: str) -> int:
+    """Most bytes the linker can insert before the region's objects to align them (order is its choice)."""
+    return sum(_alignment(b.name, layout_arch) - 1 for b in buffers if b.region == region)
+
+
+def check_shape(shape: ModelShape) -> None:
+    """Raise PlanError for sizes that make no model: zero, negative, or beyond the planner's limits."""
+    if shape.input_size < 1:
+        raise PlanError(f"input size {shape.input_size} must be >= 1")
+    if not shape.hidden_sizes:
+        raise PlanError("a model needs at least one LSTM layer")
+    for hidden in shape.hidden_sizes:
+        if not 1 <= hidden <= MAX_HIDDEN:
+            raise PlanError(f"hidden size {hidden} must be in 1..{MAX_HIDDEN}")
+    if shape.window < 1:
+        raise PlanError(f"window {shape.window} must be >= 1")
+    if shape.outputs is not None and shape.outputs < 1:
+        raise PlanError(f"outputs {shape.outputs} must be >= 1 (or none for no dense head)")
+
+
+def plan(board: Board, shape: ModelShape, *, buffer_window: bool = False, margin: float = DEFAULT_MARGIN) -> Plan:
+    """The plan for ``shape`` on ``board``.
+
+    ``buffer_window``: the firmware keeps the whole input window (window x input bytes) in RAM instead of
+    streaming it one sample at a time. ``margin``: headroom below this share of a resource makes it "tight".
+    """
+    check_shape(shape)
+    if not 0 <= margin < 1:
+        raise PlanError(f"margin {margin} must be in [0, 1)")
+    layout_arch = _LAYOUT_ARCH[board.arch]
+    model_buffers = memory_layout(shape, layout_arch)
+    kernel_buffers = kernel_layout(layout_arch)
+    items = [Item(b.name, _category(b.name), b.region, b.nbytes, "model") for b in model_buffers]
+    items += [Item(b.name, _category(b.name), b.region, b.nbytes, "kernel") for b in kernel_buffers]
+
+    code = board.code
+    layers = len(shape.hidden_sizes)
+    kernel_text = code.kernel_text_bytes - (code.dense_text_bytes if shape.outputs is None else 0)
+    items.append(Item("kernel code", "code", "flash", kernel_text, "kernel", upper_bound=True))
+    items.append(Item("model code", "code", "flash", code.model_text_base + code.model_text_per_layer * layers,
+                      "model", upper_bound=True))
+
+    items.append(Item("output", "output", "ram", shape.output_size, "firmware"))
+    if buffer_window:
+        items.append(Item("window", "input window", "ram", shape.window * shape.input_size, "firmware"))
+
+    all_buffers = model_buffers + kernel_buffers
+    for region in REGIONS:
+        padding = _padding_bound(all_buffers, region, layout_arch)
+        if padding:
+            items.append(Item(f"{region} padding", "alignment padding", region, padding, "model", upper_bound=True))
+
+    limit_faults = []  # faults that no amount of flash cures
+    if board.arch == "avr":
+        for b in model_buffers:
+            if b.nbytes > AVR_MAX_OBJECT:
+                limit_faults.append(f"flash: {b.name} is {b.nbytes:,} bytes; avr-gcc allows at most "
+                               f"{AVR_MAX_OBJECT:,} bytes per object")
+        constants = sum(b.nbytes for b in all_buffers if b.region == "flash")
+        if constants > AVR_PROGMEM_REACH:
+            limit_faults.append(f"flash: {constants:,} bytes of model constants; AVR program-memory reads reach "
+                           f"only the first {AVR_PROGMEM_REACH // 1024} KB")
+
+    overhead = board.overhead
+    reasons = []
+    resources = {}
+    for region, capacity, extra in (("flash", board.flash_bytes, overhead.flash_bytes),
+                                    ("ram", board.ram_bytes, overhead.ram_bytes)):
+        model_bytes = sum(i.nbytes for i in items if i.region == region)
+        total = model_bytes + extra
+        faulty = any(r.startswith(f"{region}:") for r in limit_faults)
+        if total > capacity or faulty:
+            status = DOES_NOT_FIT
+            if total > capacity:
+                reasons.append(f"{region}: needs {total:,} bytes, the board has {capacity:,} "
+                               f"({total - capacity:,} over)")
+        elif capacity - total < margin * capacity:
+            status = TIGHT
+        else:
+            status = FITS
+        resources[region] = Resource(region, capacity, model_bytes, extra, status)
+
+    reasons += limit_faults
+    statuses = {r.status for r in resources.values()}
+    verdict = DOES_NOT_FIT if DOES_NOT_FIT in statuses else TIGHT if TIGHT in statuses else FITS
+    return Plan(board, shape, buffer_window, margin, tuple(items), resources["flash"], resources["ram"],
+                tuple(reasons), verdict)
+
+
+def _largest(fits: Any, low: int, high: int) -> int:
+    """The largest n in [low, high] with fits(n), for a predicate that is monotone (true, then false); low-1 if none."""
+    if not fits(low):
+        return low - 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def max_hidden(board: Board, shape: ModelShape, *, buffer_window: bool = False, limit: int = MAX_HIDDEN) -> int:
+    """The largest hidden size (the same in every layer of ``shape``) that fits ``board``; 0 if none does.
+
+    Every buffer grows with the hidden size, so the verdict is monotone and a binary search finds the answer.
+    """
+    layers = len(shape.hidden_sizes)
+
+    def fits(hidden: int) -> bool:
+        return plan(board, replace(shape, hidden_sizes=(hidden,) * layers), buffer_window=buffer_window).fits
+
+    return _largest(fits, 1, limit)
+
+
+def max_window(board: Board, shape: ModelShape, *, buffer_window: bool = True, limit: int = MAX_WINDOW) -> int | None:
+    """The longest input window that fits ``board``; 0 if none does.
+
+    None when memory does not depend on the window (it is streamed and no buffer grows with it).
+    """
+    def fits(window: int) -> bool:
+        return plan(board, replace(shape, window=window), buffer_window=buffer_window).fits
+
+    if fits(1) and plan(board, replace(shape, window=1), buffer_window=buffer_window).items == plan(
+            board, replace(shape, window=limit), buffer_window=buffer_window).items:
+        return None
+    return _largest(fits, 1, limit)
