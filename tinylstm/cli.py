@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from pathlib import Path
+from typing import Any
+
 import click
 
 from tinylstm import __version__
@@ -11,6 +16,446 @@ from tinylstm import __version__
 @click.version_option(__version__, prog_name="tinylstm")
 def main() -> None:
     """tinylstm: train a small LSTM on time-series data, quantize it to int8, and run it on a microcontroller."""
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["c"]), default="c", show_default=True,
+              help="What to generate: C sources (a header and source per model, plus the shared kernel).")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The quantized model file (.npz).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to write into; created if missing.")
+@click.option("--prefix", default="tinylstm_model", show_default=True,
+              help="Name prefix of every generated symbol and file (several models can share one firmware).")
+@click.option("--force", is_flag=True, help="Overwrite the generated files in a non-empty directory.")
+def export(fmt: str, model_path: Path, out_dir: Path, prefix: str, force: bool) -> None:
+    """Generate device code for a quantized model."""
+    from tinylstm.export import ExportError, export_c
+    from tinylstm.qmodel import ModelFormatError, load
+
+    try:
+        written = export_c(load(model_path), out_dir, prefix=prefix, force=force)
+    except (ModelFormatError, ExportError) as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out_dir}: {e}") from None
+    for path in written:
+        click.echo(path)
+
+
+def _emit(report: dict[str, Any], as_json: bool, text: str, quiet: bool) -> None:
+    import json
+
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        click.echo(text)
+
+
+def _epoch_bar(length: int, label: str, show: bool) -> contextlib.AbstractContextManager[Any]:
+    """A per-epoch progress bar on stderr showing the losses, or a null context yielding None."""
+    if not show:
+        return contextlib.nullcontext(None)
+    return click.progressbar(
+        length=length, label=label, file=sys.stderr, show_eta=False,
+        item_show_func=lambda log: f"epoch {log.epoch} loss {log.train_loss:.4f} val {log.val_loss:.4f}" if log else "",
+    )
+
+
+@main.command()
+@click.argument("data", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dataset", help="A bundled demo set instead of a file: basic_motions, taylor_demand, kdd_tsad_135.")
+@click.option("--task", type=click.Choice(["classification", "forecasting", "anomaly"]),
+              help="What to learn (a bundled set brings its own).")
+@click.option("--features", help="CSV feature columns, comma-separated (default: every column but the label).")
+@click.option("--target", help="Forecasting/anomaly: the CSV column to predict.")
+@click.option("--label",
+              help="Classification: the CSV class column. Anomaly: the ground-truth column (evaluation only).")
+@click.option("--hidden", default="32", show_default=True, help="Hidden size, or one per layer comma-separated.")
+@click.option("--layers", type=click.IntRange(1, 3), help="Number of LSTM layers (with a single --hidden).")
+@click.option("--window", type=int, help="Window length in time steps.")
+@click.option("--stride", type=int, default=1, show_default=True, help="Steps between window starts.")
+@click.option("--horizon", type=int, default=1, show_default=True, help="Forecasting: future steps to predict.")
+@click.option("--norm", type=click.Choice(["zscore", "minmax", "none"]), default="zscore", show_default=True)
+@click.option("--fillna", type=click.Choice(["none", "ffill", "linear", "zero"]), default="none", show_default=True,
+              help="What to do with NaN/inf values (none: refuse the data).")
+@click.option("--val-fraction", type=float, default=0.15, show_default=True)
+@click.option("--test-fraction", type=float, default=0.15, show_default=True)
+@click.option("--normal-rows", type=int, help="Anomaly: length of the known-normal prefix (train + calibration).")
+@click.option("--layout", type=click.Choice(["auto", "NTF", "NFT"]), help="NPZ window layout.")
+@click.option("--board", help="Check the model against this board's memory before training.")
+@click.option("--per-channel", is_flag=True, help="Plan for per-channel weight scales.")
+@click.option("--force", is_flag=True, help="Train even if the model does not fit the board.")
+@click.option("--epochs", type=click.IntRange(1), default=200, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--patience", type=click.IntRange(1), default=50, show_default=True,
+              help="Early stopping: epochs without a better validation loss.")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default="adam", show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--clip-norm", type=float, default=1.0, show_default=True, help="Gradient clipping max-norm.")
+@click.option("--threshold-margin", type=float, default=1.5, show_default=True,
+              help="Anomaly: threshold = margin x the largest score on normal calibration data.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True, help="torch CPU threads.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The float checkpoint to write (.pt).")
+@click.option("--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def train(data: Path | None, dataset: str | None, task: str | None, features: str | None, target: str | None,
+          label: str | None, hidden: str, layers: int | None, window: int | None, stride: int, horizon: int,
+          norm: str, fillna: str, val_fraction: float, test_fraction: float, normal_rows: int | None,
+          layout: str | None, board: str | None, per_channel: bool, force: bool, epochs: int, lr: float,
+          batch_size: int, patience: int, optimizer: str, weight_decay: float, clip_norm: float,
+          threshold_margin: float, seed: int, threads: int, out: Path, quiet: bool, as_json: bool) -> None:
+    """Train a float LSTM on a CSV/NPZ file or a bundled dataset, checking the board's budget first."""
+    from tinylstm import boards, budget
+    from tinylstm import train as tr
+    from tinylstm.data import DataError, DataSpec, load_dataset
+
+    try:
+        sizes = [int(v) for v in hidden.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{hidden!r} is not a size or a comma-separated list", param_hint="--hidden") from None
+    if layers is not None:
+        if len(sizes) != 1:
+            raise click.BadParameter("give one --hidden size with --layers", param_hint="--layers")
+        sizes = sizes * layers
+    fields = dict(features=features.split(",") if features else None, target=target, label=label, window=window,
+                  stride=stride, horizon=horizon, norm=norm, fillna=fillna, val_fraction=val_fraction,
+                  test_fraction=test_fraction, normal_rows=normal_rows, layout=layout, seed=seed)
+    try:
+        if (data is None) == (dataset is None):
+            raise DataError("give either a data file or --dataset")
+        if dataset:
+            spec = DataSpec.for_dataset(dataset, task=task, **fields)
+        else:
+            if task is None:
+                raise DataError("--task is required with a data file")
+            spec = DataSpec(task=task, path=str(data.resolve()), **{k: v for k, v in fields.items() if v is not None})
+        ds = load_dataset(spec)
+        config = tr.model_config_for(ds, sizes)
+        config.validate()
+        plan = None
+        if board:
+            try:
+                plan = tr.check_budget(board, config, per_channel)
+            except tr.TrainError:
+                if not force:
+                    raise
+                plan = tr.plan_for(board, config, per_channel)
+                click.echo(f"warning: {config.hidden_sizes} does not fit {board}; training anyway (--force)", err=True)
+        train_config = tr.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                                      optimizer=optimizer, clip_norm=clip_norm, patience=patience, seed=seed,
+                                      threads=threads)
+        with _epoch_bar(epochs, "training", not (quiet or as_json)) as bar:
+            checkpoint, result = tr.train_model(ds, sizes, train_config, threshold_margin=threshold_margin,
+                                                on_epoch=(lambda log: bar.update(1, log)) if bar else None)
+        if plan is not None:
+            checkpoint.extra["board"] = {"name": board, "verdict": plan.verdict, "per_channel": per_channel}
+        tr.save_checkpoint(checkpoint, out)
+    except (DataError, tr.TrainError, boards.BoardError, budget.PlanError) as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out}: {e}") from None
+    params = sum(p.numel() for p in checkpoint.model.parameters())
+    report = {"checkpoint": str(out), "task": ds.task, "model": vars(config), "parameters": params,
+              "windows": {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test)},
+              "board": checkpoint.extra.get("board"), "best_epoch": result.best_epoch,
+              "epochs_run": len(result.history), "best_val_loss": result.best_val_loss,
+              "fp32_test": checkpoint.extra["fp32_test"]}
+    test = checkpoint.extra["fp32_test"]
+    headline = {"classification": lambda: f"accuracy {test['accuracy']:.2%}, macro-F1 {test['macro_f1']:.3f}",
+                "forecasting": lambda: f"RMSE {test['rmse']:.4g} (naive last value {test['naive_rmse']:.4g})",
+                "anomaly": lambda: f"{test['flagged_points']} points flagged, "
+                                   f"{test.get('anomalies_detected', 0)}/{len(test.get('anomalies', []))} anomalies "
+                                   f"detected, {test.get('false_alarms', 0)} false alarms"}[ds.task]()
+    text = (f"trained {ds.task} model, hidden {config.hidden_sizes}, {params} parameters; best epoch "
+            f"{result.best_epoch}/{len(result.history)}\nFP32 test: {headline}\nwrote {out}")
+    if plan is not None:
+        text += f"\n{board}: {plan.verdict} (RAM {plan.ram.total}/{plan.ram.capacity} B, flash {plan.flash.total}/" \
+                f"{plan.flash.capacity} B)"
+    _emit(report, as_json, text, quiet)
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The quantized model file to write (.npz).")
+@click.option("--per-channel", is_flag=True, help="One weight scale per gate row instead of per gate.")
+@click.option("--calibration", type=click.Choice(["minmax", "percentile"]), default="minmax", show_default=True)
+@click.option("--percentile", type=click.FloatRange(50, 100), default=99.9, show_default=True,
+              help="With --calibration percentile: the share of values kept inside each range.")
+@click.option("--qat", is_flag=True, help="Quantization-aware fine-tuning before quantizing.")
+@click.option("--qat-epochs", type=click.IntRange(1), default=5, show_default=True)
+@click.option("--qat-lr", type=float, default=1e-3, show_default=True)
+@click.option("--save-checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --qat: also write the fine-tuned float checkpoint here.")
+@click.option("--name", default="model", show_default=True, help="The model's name inside the file.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the FP32 vs INT8 JSON report.")
+@click.option("--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
+def quantize(checkpoint: Path, out: Path, per_channel: bool, calibration: str, percentile: float, qat: bool,
+             qat_epochs: int, qat_lr: float, save_checkpoint: Path | None, name: str, report: Path | None,
+             quiet: bool, as_json: bool) -> None:
+    """Quantize a trained checkpoint to int8 and compare FP32 with the integer reference on held-out data."""
+    from tinylstm import boards, budget, qmodel
+    from tinylstm import quantize as qz
+    from tinylstm import train as tr
+    from tinylstm.data import DataError
+    from tinylstm.evaluate import EvaluateError, write_report
+
+    try:
+        ckpt = tr.load_checkpoint(checkpoint)
+        config = qz.QuantConfig(per_channel=per_channel, calibration=calibration, percentile=percentile)
+        epochs = qat_epochs if qat else 0
+        with _epoch_bar(epochs, "QAT", qat and not (quiet or as_json)) as bar:
+            result = qz.quantize_checkpoint(ckpt, config, qat_epochs=epochs, qat_lr=qat_lr, name=name,
+                                            on_epoch=(lambda log: bar.update(1, log)) if bar else None)
+        board = ckpt.extra.get("board")
+        plan = tr.plan_for(board["name"], ckpt.config, per_channel) if board else None
+        if plan is not None:
+            result.qmodel.meta["board"] = {"name": board["name"], "verdict": plan.verdict}
+        qmodel.save(result.qmodel, out)
+        if save_checkpoint and qat:
+            ckpt.model = result.float_model
+            tr.save_checkpoint(ckpt, save_checkpoint)
+        full = {"model": str(out), "size": _model_size(result.qmodel), **result.qmodel.meta["evaluation"]}
+        if report:
+            write_report(full, report)
+    except (DataError, tr.TrainError, qz.QuantizeError, EvaluateError, qmodel.ModelFormatError, boards.BoardError,
+            budget.PlanError) as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write: {e}") from None
+    text = f"{result.comparison.summary()}\nwrote {out}"
+    if plan is not None:
+        text += f"\n{board['name']}: {plan.verdict}"
+    _emit(full, as_json, text, quiet)
+
+
+def _model_size(model: Any) -> dict[str, int]:
+    """Weight and bias counts of a QuantizedModel (the planner has the full byte budget)."""
+    weights = sum(layer.input_weights.size + layer.hidden_weights.size for layer in model.layers)
+    biases = sum(layer.bias.size for layer in model.layers)
+    if model.head is not None:
+        weights += model.head.weights.size
+        biases += model.head.bias.size
+    return {"int8_weights": int(weights), "int32_biases": int(biases), "weight_bytes": int(weights + 4 * biases)}
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a PNG: confusion matrices, or forecast vs truth (needs matplotlib).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON report.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON report.")
+def evaluate(checkpoint: Path, model: Path, split: str, plot: Path | None, report: Path | None,
+             as_json: bool) -> None:
+    """FP32 (checkpoint) against INT8 (quantized model, integer reference) on the held-out windows."""
+    from tinylstm import evaluate as ev
+    from tinylstm import qmodel
+    from tinylstm import train as tr
+    from tinylstm.data import DataError
+
+    try:
+        ckpt = tr.load_checkpoint(checkpoint)
+        q = qmodel.load(model)
+        ds = ckpt.dataset()
+        comparison = ev.compare(ckpt.model, q, ds, getattr(ds, split), ckpt.extra.get("anomaly_threshold"),
+                                q.meta.get("anomaly_threshold"))
+        full = {"checkpoint": str(checkpoint), "model": str(model), "split": split, **comparison.to_dict()}
+        if report:
+            ev.write_report(full, report)
+        if plot:
+            ev.plot(comparison, ds, ckpt.model, q, plot)
+    except (DataError, tr.TrainError, ev.EvaluateError, qmodel.ModelFormatError) as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write: {e}") from None
+    _emit(full, as_json, comparison.summary(), False)
+
+
+def _size(nbytes: int) -> str:
+    """Bytes as B, KB or MB (1024-based), exact when the unit divides them."""
+    for unit, scale in (("MB", 1024 * 1024), ("KB", 1024)):
+        if nbytes >= scale:
+            value = nbytes / scale
+            return f"{value:.0f} {unit}" if nbytes % scale == 0 else f"{value:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the board file) instead of a table.")
+def boards(name: str | None, as_json: bool) -> None:
+    """List the board catalogue, or show board NAME in full with the source of every figure."""
+    import json
+
+    from tinylstm.boards import BoardError, list_boards, load_board
+
+    try:
+        if name is None:
+            catalogue = list_boards()
+        else:
+            board = load_board(name)
+    except BoardError as e:
+        raise click.ClickException(str(e)) from None
+    if name is None:
+        if as_json:
+            click.echo(json.dumps([b.to_dict() for b in catalogue], indent=2))
+            return
+        rows = [("name", "MCU / core", "clock", "RAM", "flash", "emulated")]
+        rows += [(b.name, f"{b.mcu} / {b.core}", f"{b.clock_hz / 1e6:g} MHz", _size(b.ram_bytes),
+                  _size(b.flash_bytes), f"{b.emulator.kind} {b.emulator.machine}" if b.emulator else "no")
+                 for b in catalogue]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        return
+    if as_json:
+        click.echo(json.dumps(board.to_dict(), indent=2))
+        return
+    click.echo(board.describe())
+
+
+@main.command()
+@click.option("--board", "board_name", required=True, help="Board name (see `tinylstm boards`) or board file path.")
+@click.option("--input", "input_size", required=True, type=click.IntRange(1, 4096), help="Input features.")
+@click.option("--hidden", type=click.IntRange(1, 4096), help="Hidden size of every LSTM layer.")
+@click.option("--layers", type=click.IntRange(1, 3), default=1, show_default=True, help="LSTM layers.")
+@click.option("--window", type=click.IntRange(1, 100_000), default=1, show_default=True,
+              help="Time steps per window.")
+@click.option("--outputs", type=click.IntRange(1, 4096), help="Outputs of the dense head (none: no head).")
+@click.option("--per-channel", is_flag=True, help="Per-channel (per gate row / per output) scales.")
+@click.option("--buffer-window", is_flag=True,
+              help="The firmware holds the whole window in RAM (default: samples are streamed one step at a time).")
+@click.option("--margin", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+              help="Headroom below this share of flash or RAM makes the verdict 'tight'.")
+@click.option("--max-hidden", is_flag=True, help="Print the largest hidden size that fits instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plan(board_name: str, input_size: int, hidden: int | None, layers: int, window: int, outputs: int | None,
+         per_channel: bool, buffer_window: bool, margin: float, max_hidden: bool, as_json: bool) -> None:
+    """Check a model shape against a board's flash and RAM before training it.
+
+    Exit status: 0 when it fits (or fits tightly), 1 when it does not, 2 for a usage error.
+    """
+    import json
+
+    from tinylstm import budget
+    from tinylstm.boards import BoardError, load_board
+    from tinylstm.export import ModelShape
+
+    if hidden is None and not max_hidden:
+        raise click.UsageError("give --hidden, or --max-hidden to find the largest hidden size that fits")
+    try:
+        board = load_board(board_name)
+    except BoardError as e:
+        raise click.BadParameter(str(e), param_hint="--board") from None
+    shape = ModelShape(input_size=input_size, hidden_sizes=(hidden or 1,) * layers, window=window,
+                       outputs=outputs, per_channel=per_channel)
+    if max_hidden:
+        best = budget.max_hidden(board, shape, buffer_window=buffer_window)
+        if best:
+            shape = ModelShape(input_size, (best,) * layers, window, outputs, per_channel)
+    result = budget.plan(board, shape, buffer_window=buffer_window, margin=margin)
+    if max_hidden:
+        if as_json:
+            click.echo(json.dumps({"max_hidden": best, "plan": result.to_dict()}, indent=2))
+        elif best:
+            click.echo(f"largest hidden size that fits {board.name}: {best}\n")
+            click.echo(result.describe())
+        if not best:
+            raise click.ClickException(f"no hidden size fits: {result.summary()}")
+        return
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.describe())
+    if not result.fits:
+        click.echo(f"error: {result.summary()}", err=True)
+        raise SystemExit(1)
+
+
+def _firmware_project(model_path: Path, board_name: str, out_dir: Path | None) -> Any:
+    """Load the model and board, check the plan, and generate the PlatformIO project; (project, plan)."""
+    from tinylstm import firmware
+    from tinylstm.boards import BoardError, load_board
+    from tinylstm.qmodel import ModelFormatError, load
+
+    try:
+        model = load(model_path)
+        board = load_board(board_name)
+        (plan,) = firmware.check_fits(model, board)
+        out_dir = out_dir or Path("tinylstm-firmware") / f"{board.name}-{model.digest()}"
+        existing = (out_dir / firmware.PROJECT_MANIFEST).is_file()
+        project = firmware.generate_project(model, board, out_dir, force=existing)
+    except (ModelFormatError, BoardError, firmware.FirmwareError) as e:
+        raise click.ClickException(str(e)) from None
+    return project, plan
+
+
+@main.command()
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The quantized model file (.npz).")
+@click.option("--board", "board_name", required=True, help="Board name (see `tinylstm boards`).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Project directory (default: tinylstm-firmware/<board>-<model hash>).")
+def build(model_path: Path, board_name: str, out_dir: Path | None) -> None:
+    """Generate the firmware project for a model and board, build it with PlatformIO, and show its memory use."""
+    from tinylstm import firmware
+
+    project, plan = _firmware_project(model_path, board_name, out_dir)
+    try:
+        result = firmware.build(project)
+    except firmware.FirmwareError as e:
+        raise click.ClickException(str(e)) from None
+    flash, ram = firmware.predicted_sizes(plan)
+    click.echo(f"built {result.elf} with {result.compiler}")
+    click.echo(f"{'':6} {'linker':>10} {'planner':>10} {'board':>10}")
+    click.echo(f"{'flash':6} {result.sizes.flash:>10,} {flash:>10,} {project.board.flash_bytes:>10,}")
+    click.echo(f"{'RAM':6} {result.sizes.ram:>10,} {ram:>10,} {project.board.ram_bytes:>10,}"
+               f"   (.data+.bss; the planner also reserves {project.board.overhead.ram['stack']:,} B of stack)")
+
+
+@main.command()
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="The quantized model file (.npz).")
+@click.option("--board", "board_name", help="Board name (see `tinylstm boards`).")
+@click.option("--port", help="Serial port of a real board (default: PlatformIO's choice).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Project directory (default: tinylstm-firmware/<board>-<model hash>).")
+@click.option("--stop", is_flag=True, help="Stop the emulators started by earlier flash commands (of --board only).")
+def flash(model_path: Path | None, board_name: str | None, port: str | None, out_dir: Path | None,
+          stop: bool) -> None:
+    """Build and flash a model. An emulated board starts in the background and the serial URL is printed."""
+    from tinylstm import firmware
+
+    if stop:
+        stopped = firmware.stop_emulators(board_name)
+        for emulator in stopped:
+            click.echo(f"stopped {emulator.board.name} (pid {emulator.pid})")
+        if not stopped:
+            click.echo("no emulator running")
+        return
+    if model_path is None or board_name is None:
+        raise click.UsageError("--model and --board are required (or --stop)")
+    project, _ = _firmware_project(model_path, board_name, out_dir)
+    try:
+        if project.board.emulated and port is not None:
+            raise firmware.FirmwareError(f"{project.board.name} is emulated; it gets its own port (drop --port)")
+        if port is not None:
+            firmware.check_port(port)
+        result = firmware.build(project)
+        if project.board.emulated:
+            emulator = firmware.start_emulator(project.board, result.elf, detach=True)
+            click.echo(f"{project.board.name} running {result.elf} (pid {emulator.pid})")
+            click.echo(f"serial port: {emulator.url}")
+            click.echo("stop it with: tinylstm flash --stop")
+        else:
+            firmware.upload(project, port)
+            click.echo(f"flashed {project.board.name}" + (f" on {port}" if port else ""))
+    except firmware.FirmwareError as e:
+        raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":
