@@ -458,5 +458,101 @@ def flash(model_path: Path | None, board_name: str | None, port: str | None, out
         raise click.ClickException(str(e)) from None
 
 
+def _run_pipeline(config: Any, out_dir: Path) -> None:
+    from tinylstm import pipeline
+
+    try:
+        result = pipeline.run(config, out_dir, pipeline.ConsoleReporter())
+    except pipeline.PipelineError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out_dir}: {e}") from None
+    click.echo(pipeline.summary_text(result))
+
+
+@main.command()
+@click.option("--dataset", default="basic_motions", show_default=True,
+              type=click.Choice(["basic_motions", "taylor_demand", "kdd_tsad_135"]), help="A bundled dataset.")
+@click.option("--board", "board_name", default="uno_sim", show_default=True,
+              help="An emulated board (uno_sim, mps2_an386, mps2_an500, netduinoplus2); see `tinylstm boards`.")
+@click.option("--out", "out_dir", default="tinylstm-demo", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Output directory for every artefact.")
+def demo(dataset: str, board_name: str, out_dir: Path) -> None:
+    """The whole journey on a bundled dataset: plan, train, quantize, build, flash the emulator, benchmark, report."""
+    from tinylstm import pipeline
+    from tinylstm.boards import BoardError, load_board
+
+    try:
+        if not load_board(board_name).emulated:
+            raise click.BadParameter(f"{board_name} is a real board; the demo runs on an emulated one "
+                                     "(use `tinylstm run` with [bench] port for real hardware)", param_hint="--board")
+        config = pipeline.demo_config(dataset, board_name, out_dir)
+    except (BoardError, pipeline.PipelineError) as e:
+        raise click.BadParameter(str(e), param_hint="--board") from None
+    _run_pipeline(config, out_dir)
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Output directory (default: tinylstm-out/<config name> beside the config).")
+def run(config_path: Path, out_dir: Path | None) -> None:
+    """Run a project described by a TOML config; stages whose inputs did not change are skipped."""
+    from tinylstm import pipeline
+
+    try:
+        config = pipeline.load_config(config_path)
+    except pipeline.PipelineError as e:
+        raise click.ClickException(str(e)) from None
+    _run_pipeline(config, out_dir or config_path.parent / "tinylstm-out" / config_path.stem)
+
+
+@main.command()
+@click.argument("path", default="tinylstm.toml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", "data_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Your CSV: its path goes into the config and its columns into a comment.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(path: Path, data_path: Path | None, force: bool) -> None:
+    """Write a commented example project config (default: tinylstm.toml)."""
+    import csv
+    import os
+
+    from tinylstm import pipeline
+
+    if path.exists() and not force:
+        raise click.ClickException(f"{path} exists; use --force to overwrite it")
+    columns = None
+    if data_path is not None and data_path.suffix.lower() == ".csv":
+        try:
+            with open(data_path, newline="") as f:
+                columns = next(csv.reader(f), None)
+        except OSError as e:
+            raise click.ClickException(f"cannot read {data_path}: {e}") from None
+    data = os.path.relpath(data_path.resolve(), path.resolve().parent) if data_path else None
+    text = pipeline.example_config(path.name, data, columns)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {path}: {e}") from None
+    click.echo(f"wrote {path}; edit it, then: tinylstm run {path}")
+
+
+@main.command()
+@click.argument("out_dir", metavar="DIR", type=click.Path(file_okay=False, exists=True, path_type=Path))
+def report(out_dir: Path) -> None:
+    """Write DIR/report.html from the artefacts of a `tinylstm demo` or `tinylstm run` in DIR."""
+    from tinylstm.report import ReportError, write_report
+
+    try:
+        path = write_report(out_dir)
+    except ReportError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write the report in {out_dir}: {e}") from None
+    click.echo(path)
+
+
 if __name__ == "__main__":
     main()
