@@ -23,12 +23,16 @@ CMD_RESET = 0x02
 CMD_STEP = 0x03
 CMD_RUN = 0x04
 CMD_SELECT = 0x05
+CMD_BENCH = 0x06
 CMD_ERROR = 0x7F
 REPLY = 0x80
 
 STEP_WITH_OUTPUT = 0x01
 RUN_FIRST = 0x01
 RUN_LAST = 0x02
+BENCH_SEEDED = 0
+BENCH_UPLOADED = 1
+BENCH_WITH_OUTPUT = 0x01
 
 ERROR_CODES = {
     1: "bad checksum",
@@ -39,6 +43,7 @@ ERROR_CODES = {
     6: "oversized frame",
     7: "bad framing",
     8: "bad state (RUN continued without a first chunk)",
+    9: "bad argument",
 }
 # Counter kinds: what a count means (the unit once divided by counter_hz, or converted).
 COUNTER_KINDS = {1: "cycles", 2: "qemu-icount", 3: "micros"}
@@ -181,6 +186,29 @@ class RunResult:
     output: np.ndarray  # int8 [output_size]
     counts: int  # counter ticks for reset + all steps + output
     steps: int
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    counts: np.ndarray  # int64 [count]: counter ticks per window (reset + every step + output)
+    outputs: np.ndarray | None  # int8 [count, output_size], if asked
+
+
+def seeded_windows(seed: int, first: int, count: int, window: int, input_size: int) -> np.ndarray:
+    """The int8 windows [count, window, input_size] that BENCH generates on the device from ``seed``, starting at
+    window index ``first`` (docs/hil-protocol.md): xorshift32 from ``seed ^ ((index + 1) * 0x9E3779B9)``, each
+    input byte the top byte of the next state, time step by time step."""
+    index = np.arange(first, first + count, dtype=np.uint64)
+    state = ((np.uint64(seed) ^ (((index + np.uint64(1)) * np.uint64(0x9E3779B9)) & np.uint64(0xFFFFFFFF)))
+             .astype(np.uint32))
+    state[state == 0] = 0x6D2B79F5
+    out = np.empty((count, window * input_size), dtype=np.int8)
+    for i in range(window * input_size):
+        state ^= state << np.uint32(13)
+        state ^= state >> np.uint32(17)
+        state ^= state << np.uint32(5)
+        out[:, i] = (state >> np.uint32(24)).astype(np.uint8).view(np.int8)
+    return out.reshape(count, window, input_size)
 
 
 class HILClient:
@@ -343,6 +371,58 @@ class HILClient:
         if steps != len(x):
             raise HILError(f"device ran {steps} steps, expected {len(x)}")
         return RunResult(np.frombuffer(reply[6:], dtype=np.int8).copy(), counts, steps)
+
+    def bench_capacity(self, *, uploaded: bool, outputs: bool = True) -> int:
+        """The most windows one BENCH request may hold (0: this model's windows or outputs do not fit a frame)."""
+        info = self.info
+        record = 4 + (info.output_size if outputs else 0)
+        window_bytes = info.window * info.input_size
+        if not uploaded:
+            return max(0, (info.max_payload - info.input_size - 2) // record)
+        if 4 + window_bytes > info.max_payload or 2 + record > info.max_payload:
+            return 0
+        if record > window_bytes:
+            return 1
+        return min((info.max_payload - 4) // window_bytes, (info.max_payload - 2) // record)
+
+    def bench_seeded(self, count: int, seed: int, first: int = 0, *, outputs: bool = True,
+                     timeout: float | None = None) -> BenchResult:
+        """Run ``count`` windows generated on the device (``seeded_windows(seed, first, ...)``) and return each
+        window's count and, with ``outputs``, its output. ``count`` must not exceed ``bench_capacity``."""
+        if not 0 <= seed < 2**32 or not 0 <= first < 2**32:
+            raise ValueError("seed and first must fit 32 bits")
+        self._check_bench_count(count, self.bench_capacity(uploaded=False, outputs=outputs))
+        payload = struct.pack("<BBHII", BENCH_SEEDED, BENCH_WITH_OUTPUT if outputs else 0, count, seed, first)
+        return self._bench(payload, count, outputs, timeout)
+
+    def bench_windows(self, windows: np.ndarray, *, outputs: bool = True,
+                      timeout: float | None = None) -> BenchResult:
+        """Upload int8 windows [count, window, input_size] in one BENCH request and run each on the device."""
+        info = self.info
+        x = np.asarray(windows)
+        x = self._int8(x, (len(x) if x.ndim == 3 else -1, info.window, info.input_size), "windows")
+        self._check_bench_count(len(x), self.bench_capacity(uploaded=True, outputs=outputs))
+        flags = BENCH_WITH_OUTPUT if outputs else 0
+        payload = struct.pack("<BBH", BENCH_UPLOADED, flags, len(x)) + x.tobytes()
+        return self._bench(payload, len(x), outputs, timeout)
+
+    @staticmethod
+    def _check_bench_count(count: int, capacity: int) -> None:
+        if capacity == 0:
+            raise HILError("this model's windows or outputs do not fit one BENCH frame; use run() instead")
+        if not 1 <= count <= capacity:
+            raise ValueError(f"a BENCH request holds 1 to {capacity} windows, not {count}")
+
+    def _bench(self, payload: bytes, count: int, outputs: bool, timeout: float | None) -> BenchResult:
+        # Not idempotent in effect on the state, but each window starts from a reset: re-sending is harmless.
+        reply = self.request(CMD_BENCH, payload, idempotent=True,
+                             timeout=self.timeout * count if timeout is None else timeout)
+        record = 4 + (self.info.output_size if outputs else 0)
+        if len(reply) != 2 + count * record or struct.unpack_from("<H", reply)[0] != count:
+            raise HILError(f"BENCH reply of {len(reply)} bytes, expected {2 + count * record} for {count} windows")
+        records = np.frombuffer(reply[2:], dtype=np.uint8).reshape(count, record)
+        counts = records[:, :4].copy().view("<u4")[:, 0].astype(np.int64)
+        return BenchResult(counts, records[:, 4:].copy().view(np.int8) if outputs else None)
 
     @staticmethod
     def _int8(values: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:

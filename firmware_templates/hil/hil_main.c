@@ -20,6 +20,7 @@ enum {
     CMD_STEP = 0x03,
     CMD_RUN = 0x04,
     CMD_SELECT = 0x05,
+    CMD_BENCH = 0x06,
     CMD_ERROR = 0x7F,
     REPLY = 0x80,
 };
@@ -33,11 +34,15 @@ enum {
     ERR_OVERSIZED = 6,
     ERR_BAD_FRAMING = 7,
     ERR_BAD_STATE = 8,
+    ERR_BAD_ARGUMENT = 9,
 };
 
 #define STEP_WITH_OUTPUT 0x01
 #define RUN_FIRST 0x01
 #define RUN_LAST 0x02
+#define BENCH_SEEDED 0
+#define BENCH_UPLOADED 1
+#define BENCH_WITH_OUTPUT 0x01
 
 #define HEADER 3
 #define CRC_SIZE 2
@@ -129,6 +134,11 @@ static void send_error(uint8_t code, uint8_t command, uint8_t sequence)
     send_reply(CMD_ERROR, sequence, 2);
 }
 
+static uint32_t get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
 static uint16_t write_info(uint8_t *p)
 {
     const hil_model_t *m = &hil_models[current_model];
@@ -214,6 +224,107 @@ static void handle_run(uint8_t sequence, uint16_t payload)
     send_reply(CMD_RUN | REPLY, sequence, (flags & RUN_LAST) ? 6u + m->output_size : 6u);
 }
 
+/* The protocol's window generator: xorshift32 (13, 17, 5) from a state derived from the seed and the window
+ * index; each input byte is the top byte of the next state. The host reproduces it (tinylstm.hil.seeded_windows). */
+static uint32_t bench_state(uint32_t seed, uint32_t index)
+{
+    uint32_t state = seed ^ ((index + 1u) * 0x9E3779B9UL);
+    return state ? state : 0x6D2B79F5UL;
+}
+
+static int8_t bench_next(uint32_t *state)
+{
+    uint32_t x = *state;
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    *state = x;
+    return (int8_t)(x >> 24);
+}
+
+/*
+ * BENCH: count windows, each reset + window steps + (optionally) the output, with one count per window. The
+ * reply's records (counts, output) are written into the frame buffer as the windows complete:
+ * - seeded windows are generated one time step at a time into the last input_size bytes of the payload area,
+ *   past the last record (so a seeded reply may take max_payload - input_size bytes);
+ * - uploaded windows sit in the request right after the header, and a record never overtakes the next window
+ *   as long as it is no longer than a window (otherwise only one window per request is accepted).
+ * Each part (reset, every step, output) is measured on its own so generating inputs is never counted.
+ */
+static void handle_bench(uint8_t sequence, uint16_t payload)
+{
+    const hil_model_t *m = &hil_models[current_model];
+    uint8_t *body = frame + HEADER;
+    if (payload < 4) {
+        send_error(ERR_BAD_LENGTH, CMD_BENCH, sequence);
+        return;
+    }
+    uint8_t source = body[0], with_output = body[1] & BENCH_WITH_OUTPUT;
+    uint16_t count = (uint16_t)(body[2] | (body[3] << 8));
+    uint16_t record = with_output ? 4u + m->output_size : 4u;
+    uint32_t window_bytes = (uint32_t)m->window * m->input_size;
+    uint32_t seed = 0, first = 0;
+    uint32_t limit = HIL_MAX_PAYLOAD;
+    int8_t *scratch = (int8_t *)(body + HIL_MAX_PAYLOAD - m->input_size);
+    if (source == BENCH_SEEDED) {
+        if (payload != 12) {
+            send_error(ERR_BAD_LENGTH, CMD_BENCH, sequence);
+            return;
+        }
+        seed = get_u32(body + 4);
+        first = get_u32(body + 8);
+        limit = HIL_MAX_PAYLOAD - m->input_size;
+    } else if (source == BENCH_UPLOADED) {
+        if (count > HIL_MAX_PAYLOAD || payload != 4u + count * window_bytes
+            || (count > 1 && record > window_bytes)) {
+            send_error(ERR_BAD_LENGTH, CMD_BENCH, sequence);
+            return;
+        }
+    } else {
+        send_error(ERR_BAD_ARGUMENT, CMD_BENCH, sequence);
+        return;
+    }
+    if (count == 0) {
+        send_error(ERR_BAD_ARGUMENT, CMD_BENCH, sequence);
+        return;
+    }
+    if (2u + (uint32_t)count * record > limit) {
+        send_error(ERR_BAD_LENGTH, CMD_BENCH, sequence);
+        return;
+    }
+    run_open = 0;
+    uint8_t *out = body + 2;
+    const int8_t *uploaded = (const int8_t *)(body + 4);
+    for (uint16_t k = 0; k < count; k++) {
+        uint32_t state = bench_state(seed, first + k);
+        counter_start();
+        m->reset();
+        uint32_t counts = elapsed();
+        for (uint16_t t = 0; t < m->window; t++) {
+            const int8_t *x_t = uploaded;
+            if (source == BENCH_SEEDED) {
+                for (uint16_t i = 0; i < m->input_size; i++)
+                    scratch[i] = bench_next(&state);
+                x_t = scratch;
+            } else {
+                uploaded += m->input_size;
+            }
+            counter_start();
+            m->step(x_t);
+            counts += elapsed();
+        }
+        if (with_output) {
+            counter_start();
+            m->output((int8_t *)(out + 4));
+            counts += elapsed();
+        }
+        put_u32(out, counts);
+        out += record;
+    }
+    put_u16(body, count);
+    send_reply(CMD_BENCH | REPLY, sequence, (uint16_t)(2u + (uint32_t)count * record));
+}
+
 static void handle_select(uint8_t sequence, uint16_t payload)
 {
     if (payload != 16) {
@@ -272,6 +383,9 @@ static void handle_frame(uint16_t encoded_length)
         break;
     case CMD_SELECT:
         handle_select(sequence, payload);
+        break;
+    case CMD_BENCH:
+        handle_bench(sequence, payload);
         break;
     default:
         send_error(ERR_UNKNOWN_COMMAND, command, sequence);
