@@ -1,0 +1,138 @@
+"""The pipeline: config checks, content-hash caching (which stages rerun after an edit), the init/report
+commands, the generated CLI reference, and the full demo on the emulated Uno."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tinylstm import pipeline
+from tinylstm.cli import main
+from tinylstm.data import DATA_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_config_errors_name_the_section_and_key(tmp_path):
+    base = {"data": {"dataset": "basic_motions"}, "board": {"name": "uno_sim"}}
+    cases = [
+        ({**base, "extra": {}}, r"unknown config section \[extra\]"),
+        ({**base, "train": {"epoch": 3}}, r"unknown key 'epoch' in \[train\]"),
+        ({**base, "train": {"epochs": "ten"}}, r"\[train\] epochs must be an integer"),
+        ({**base, "quantization": {"per_channel": 1}}, r"\[quantization\] per_channel must be true or false"),
+        ({"data": {"dataset": "basic_motions"}}, r"\[board\] name is required"),
+        ({**base, "data": {"dataset": "basic_motions", "path": "x.csv"}}, "either path"),
+        ({**base, "data": {"path": "x.csv"}}, r"\[task\] kind is required"),
+        ({**base, "model": {"hidden": [0]}}, "positive sizes"),
+    ]
+    for raw, message in cases:
+        with pytest.raises(pipeline.PipelineError, match=message):
+            pipeline.make_config(raw, "test")
+    (tmp_path / "bad.toml").write_text("[data\n")
+    with pytest.raises(pipeline.PipelineError, match="not valid TOML"):
+        pipeline.load_config(tmp_path / "bad.toml")
+
+
+def test_init_writes_a_config_that_loads(tmp_path):
+    csv = tmp_path / "log.csv"
+    csv.write_text("ax,ay,activity\n1,2,walk\n")
+    runner = CliRunner()
+    result = runner.invoke(main, ["init", str(tmp_path / "p.toml"), "--data", str(csv)])
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "p.toml").read_text()
+    assert "# columns in log.csv: ax, ay, activity" in text
+    config = pipeline.load_config(tmp_path / "p.toml")
+    assert config["data"]["path"] == str(csv) and config["board"]["name"] == "uno_sim"
+    again = runner.invoke(main, ["init", str(tmp_path / "p.toml")])
+    assert again.exit_code != 0 and "exists" in again.output
+    assert (tmp_path / "p.toml").read_text() == text
+
+
+def _write_project(directory: Path, **sections) -> Path:
+    """A forecasting project on the user's own CSV (a copy of the bundled demand series), for a real board
+    without a build: every stage is quick."""
+    raw = {"data": {"path": "demand.csv", "window": 24, "features": ["demand"]},
+           "task": {"kind": "forecasting", "target": "demand"}, "model": {"hidden": [4]},
+           "train": {"epochs": 2, "batch_size": 256}, "board": {"name": "uno", "build": False}}
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    path = directory / "project.toml"
+    path.write_text(pipeline.Config(raw, "").to_toml())
+    return path
+
+
+def test_rerun_skips_unchanged_stages(tmp_path):
+    shutil.copy(DATA_DIR / "taylor_demand.csv", tmp_path / "demand.csv")
+    out = tmp_path / "out"
+
+    def run(**sections):
+        return pipeline.run(pipeline.load_config(_write_project(tmp_path, **sections)), out)
+
+    first = run()
+    assert first.ran == ["data", "plan", "train", "quantize", "firmware", "report"]
+    assert first.skipped == ["bench"]  # a real board without a build has nothing to benchmark
+    assert (out / "report.html").is_file() and (out / "firmware" / "project" / "platformio.ini").is_file()
+
+    again = run()
+    assert again.ran == [] and again.cached == list(pipeline.STAGE_NAMES)
+
+    other_board = run(board={"name": "nano"})
+    assert other_board.ran == ["plan", "firmware", "report"]
+    assert other_board.cached == ["data", "train", "quantize"]
+    assert "nano" in (out / "firmware" / "project" / "platformio.ini").read_text()
+
+    more_epochs = run(board={"name": "nano"}, train={"epochs": 3})
+    assert more_epochs.ran == ["train", "quantize", "firmware", "report"]
+
+    with open(tmp_path / "demand.csv", "a") as f:  # new rows in the user's data file
+        f.write("".join(f"{30000 + 10 * i}.0\n" for i in range(48)))
+    new_data = run(board={"name": "nano"}, train={"epochs": 3})
+    assert new_data.ran == ["data", "plan", "train", "quantize", "firmware", "report"]
+
+    # A damaged artefact is rebuilt; the rebuilt model is the same bytes, so nothing after it reruns.
+    (out / "quantize" / "model.npz").write_bytes(b"damaged")
+    repaired = run(board={"name": "nano"}, train={"epochs": 3})
+    assert repaired.ran == ["quantize"] and repaired.cached[-3:] == ["firmware", "bench", "report"]
+
+
+def test_model_that_does_not_fit_stops_before_training(tmp_path):
+    shutil.copy(DATA_DIR / "taylor_demand.csv", tmp_path / "demand.csv")
+    config = pipeline.load_config(_write_project(tmp_path, model={"hidden": [400]}))
+    with pytest.raises(pipeline.PipelineError, match=r"plan: does not fit uno: .*set \[model\] hidden = \[\d+\]"):
+        pipeline.run(config, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.toml", "data", "pipeline.json"]
+
+
+def test_cli_reference_is_current():
+    spec = importlib.util.spec_from_file_location("gen_cli", REPO / "docs" / "gen_cli.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (REPO / "docs" / "cli.md").read_text() == module.render(), \
+        "docs/cli.md is out of date: run python docs/gen_cli.py"
+
+
+@pytest.mark.slow
+def test_demo_on_the_uno(tmp_path):
+    """The README's first command: the whole journey on the emulated Uno, with INT8 on the device equal to INT8
+    on the host, and a report that renders in Chromium."""
+    from tests.test_report import CHROMIUM, open_in_chromium
+
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "40/40 bit-exact" in result.output
+    bench = json.loads((out / "bench" / "bench.json").read_text())
+    evaluation = json.loads((out / "quantize" / "evaluation.json").read_text())
+    assert bench["mismatches"] == 0 and bench["windows"] == 40 and bench["unit"] == "cycles"
+    assert bench["device"]["confusion"] == evaluation["comparison"]["int8"]["confusion"]
+    assert evaluation["comparison"]["fp32"]["accuracy"] >= 0.9
+    build = json.loads((out / "firmware" / "build.json").read_text())
+    assert build["linker"]["ram"] + build["planner"]["stack"] <= 2048
+    if CHROMIUM:
+        dom = open_in_chromium(out / "report.html", tmp_path / "demo.png", tmp_path)
+        assert 'id="bit-exact"' in dom and dom.count("<svg") == 6  # curves, 3 confusions, memory, latency
