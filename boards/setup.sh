@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEBIAN_PACKAGES=(gcc-avr avr-libc simavr libsimavr-dev gcc-arm-none-eabi libnewlib-arm-none-eabi
-                 qemu-system-arm arduino-core-avr chromium chromium-driver)
+                 qemu-system-arm arduino-core-avr chromium)
 VENV=.venv
 
 missing=()
