@@ -19,17 +19,29 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--format", "fmt", type=click.Choice(["c"]), default="c", show_default=True,
-              help="What to generate: C sources (a header and source per model, plus the shared kernel).")
+@click.option("--format", "fmt", type=click.Choice(["c", "executorch", "arduino"]), default="c", show_default=True,
+              help="What to generate: C sources (a header and source per model, plus the shared kernel), an "
+                   "ExecuTorch bundle (model.pte, model.bpte, model.json; see docs/executorch.md), or an Arduino "
+                   "library zip (<out>/tinylstm_<model name>.zip, with an example sketch).")
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The quantized model file (.npz).")
+              help="The quantized model file (.npz); for executorch, the float checkpoint from `tinylstm train`.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write into; created if missing.")
 @click.option("--prefix", default="tinylstm_model", show_default=True,
               help="Name prefix of every generated symbol and file (several models can share one firmware).")
 @click.option("--force", is_flag=True, help="Overwrite the generated files in a non-empty directory.")
-def export(fmt: str, model_path: Path, out_dir: Path, prefix: str, force: bool) -> None:
-    """Generate device code for a quantized model."""
+@click.option("--quantize", type=click.Choice(["int8"]),
+              help="executorch only: an int8 program (PT2E, XNNPACKQuantizer) instead of FP32.")
+def export(fmt: str, model_path: Path, out_dir: Path, prefix: str, force: bool, quantize: str | None) -> None:
+    """Generate device code for a quantized model, or an ExecuTorch bundle for a float checkpoint."""
+    if fmt == "executorch":
+        _export_executorch(model_path, out_dir, quantize, force)
+        return
+    if quantize:
+        raise click.UsageError("--quantize applies to --format executorch (quantize for C with `tinylstm quantize`)")
+    if fmt == "arduino":
+        _export_arduino(model_path, out_dir, prefix, force)
+        return
     from tinylstm.export import ExportError, export_c
     from tinylstm.qmodel import ModelFormatError, load
 
@@ -41,6 +53,18 @@ def export(fmt: str, model_path: Path, out_dir: Path, prefix: str, force: bool) 
         raise click.ClickException(f"cannot write {out_dir}: {e}") from None
     for path in written:
         click.echo(path)
+
+
+def _export_arduino(model_path: Path, out_dir: Path, prefix: str, force: bool) -> None:
+    from tinylstm.arduino import ArduinoError, export_arduino
+    from tinylstm.qmodel import ModelFormatError, load
+
+    try:
+        click.echo(export_arduino(load(model_path), out_dir, prefix=prefix, force=force))
+    except (ModelFormatError, ArduinoError) as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out_dir}: {e}") from None
 
 
 def _emit(report: dict[str, Any], as_json: bool, text: str, quiet: bool) -> None:
@@ -458,6 +482,63 @@ def flash(model_path: Path | None, board_name: str | None, port: str | None, out
         raise click.ClickException(str(e)) from None
 
 
+@main.command()
+@click.option("--model", "model_paths", required=True, multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A quantized model file (.npz); repeat it to benchmark several (e.g. hidden sizes).")
+@click.option("--board", "board_name", required=True, help="Board name (see `tinylstm boards`).")
+@click.option("--port", help="Serial port or URL of the device (a real board, or an emulator already running). "
+                             "Without it an emulated board is built and started for each model.")
+@click.option("--flash", "flash_first", is_flag=True, help="With --port: build each model and upload it first.")
+@click.option("--windows", type=click.IntRange(1), default=50, show_default=True, help="Windows per model.")
+@click.option("--source", type=click.Choice(["auto", "data", "seed"]), default="auto", show_default=True,
+              help="data: the model's held-out test windows (accuracy included); seed: windows the device "
+                   "generates from --seed; auto: data if the model was trained by tinylstm, else seed.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=1, show_default=True)
+@click.option("--timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
+              help="Seconds to wait for the device to answer.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the JSON report (schema: docs/bench-report.schema.json).")
+@click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the Markdown summary.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a PNG: cycles histogram, and cycles per step vs hidden size for several models.")
+def bench(model_paths: tuple[Path, ...], board_name: str, port: str | None, flash_first: bool, windows: int,
+          source: str, seed: int, timeout: float, json_out: Path | None, markdown_out: Path | None,
+          plot_out: Path | None) -> None:
+    """Benchmark models on a board: latency from the device's own counter, every output checked bit for bit
+    against the integer reference, and accuracy on held-out data from the device's outputs."""
+    from tinylstm import bench as hil_bench
+    from tinylstm import firmware, hil, qmodel
+    from tinylstm.boards import BoardError, load_board
+
+    if flash_first and port is None:
+        raise click.UsageError("--flash needs --port (an emulated board without --port is always built and run)")
+    try:
+        models = [qmodel.load(p) for p in model_paths]
+        board = load_board(board_name)
+        with click.progressbar(length=windows * len(models), label=f"windows on {board.name}",
+                               file=sys.stderr) as bar:
+            report = hil_bench.run_bench(models, board, port=port, flash=flash_first, windows=windows,
+                                         source=source, seed=seed, timeout=timeout,
+                                         model_paths=[str(p) for p in model_paths], on_progress=bar.update)
+        text = hil_bench.markdown(report)
+        if json_out:
+            hil_bench.write_json(report, json_out)
+        if markdown_out:
+            hil_bench.write_text(text, markdown_out)
+        if plot_out:
+            hil_bench.plot(report, plot_out)
+    except (hil_bench.BenchError, firmware.FirmwareError, hil.HILError, qmodel.ModelFormatError, BoardError) as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write: {e}") from None
+    click.echo(text, nl=False)
+    details = [d for d in map(hil_bench.mismatch_detail, report["models"]) if d]
+    if details:
+        raise click.ClickException("\n".join(details))
+
+
 def _run_pipeline(config: Any, out_dir: Path) -> None:
     from tinylstm import pipeline
 
@@ -552,6 +633,125 @@ def report(out_dir: Path) -> None:
     except OSError as e:
         raise click.ClickException(f"cannot write the report in {out_dir}: {e}") from None
     click.echo(path)
+
+
+def _export_executorch(model_path: Path, out_dir: Path, quantize: str | None, force: bool) -> None:
+    from tinylstm.data import DataError
+    from tinylstm.executorch_export import ExecuTorchError, export_executorch, load_float_checkpoint
+    from tinylstm.quantize import QuantizeError
+    from tinylstm.train import TrainError
+
+    try:
+        result = export_executorch(load_float_checkpoint(model_path), out_dir, quantize=quantize, force=force,
+                                   progress=lambda message: click.echo(message, err=True))
+    except (ExecuTorchError, TrainError, DataError, QuantizeError) as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out_dir}: {e}") from None
+    click.echo(result.summary())
+
+
+@main.command("verify-bundle")
+@click.argument("bundle_path", metavar="FILE.bpte", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance per output value.")
+@click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance per output value.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify_bundle(bundle_path: Path, atol: float, rtol: float, as_json: bool) -> None:
+    """Run every test case of an ExecuTorch bundle in the ExecuTorch runtime on this host; exit 1 on a failure."""
+    import json
+
+    from tinylstm.executorch_export import ExecuTorchError
+    from tinylstm.executorch_export import verify_bundle as verify
+
+    try:
+        report = verify(bundle_path, atol=atol, rtol=rtol)
+    except ExecuTorchError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
+    if not report.passed:
+        raise click.exceptions.Exit(1)
+
+
+def _list(text: str | None, kind: type, option: str) -> list[Any] | None:
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=option) from None
+
+
+@main.command()
+@click.argument("data", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--dataset", help="A bundled demo set instead of a file: basic_motions, taylor_demand, kdd_tsad_135.")
+@click.option("--task", type=click.Choice(["classification", "forecasting", "anomaly"]),
+              help="Required with a data file.")
+@click.option("--features", help="CSV feature columns, comma-separated.")
+@click.option("--target", help="Forecasting/anomaly: the CSV column to predict.")
+@click.option("--label", help="Classification: the CSV label column.")
+@click.option("--board", required=True, help="The board every candidate must fit (see `tinylstm boards`).")
+@click.option("--hidden", help="Hidden sizes to try, comma-separated [default: 4,6,8,...,128].")
+@click.option("--layers", default="1,2,3", show_default=True, help="Layer counts to try.")
+@click.option("--window", help="Window lengths to try (series data), comma-separated; the first is the default.")
+@click.option("--stride", help="Strides to try (series data), comma-separated.")
+@click.option("--lr", help="Learning rates to try, comma-separated [default: the recipe's].")
+@click.option("--epochs", type=click.IntRange(1), help="Epochs per trial [default: the recipe's].")
+@click.option("--budget-trials", type=click.IntRange(1), help="Train at most N candidates (a seeded sample).")
+@click.option("--objective", type=click.Choice(["accuracy", "latency", "balanced"]), default="accuracy",
+              show_default=True, help="Which model of the Pareto front to recommend.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
+              help="Kernel benchmark results for the latency model [default: docs/performance.json].")
+@click.option("--variant", type=click.Choice(["reference", "arm_dsp", "avr"]), default="reference", show_default=True,
+              help="The kernel variant to plan and cost (the firmware `tinylstm run` builds uses reference).")
+@click.option("--address", help="Attach to this Ray cluster (e.g. ray://head:10001 or auto) instead of a local one.")
+@click.option("--cpus", type=click.IntRange(1), default=2, show_default=True, help="CPUs of the local Ray instance.")
+@click.option("--retries", type=click.IntRange(0), default=1, show_default=True,
+              help="Reruns of a trial whose worker dies.")
+@click.option("--no-early-stop", is_flag=True, help="Run every trial to the end (no ASHA).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Run the recommended project (retrain, build, benchmark) to confirm it.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Training and sampling seed.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The search directory: trial records, results.json, recommended.toml.")
+@click.option("--resume", is_flag=True, help="Continue the search in --out, running only unfinished trials.")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the report.")
+def search(data: Path | None, dataset: str | None, task: str | None, features: str | None, target: str | None,
+           label: str | None, board: str, hidden: str | None, layers: str, window: str | None, stride: str | None,
+           lr: str | None, epochs: int | None, budget_trials: int | None, objective: str, calibration: Path | None,
+           variant: str, address: str | None, cpus: int, retries: int, no_early_stop: bool, verify: bool, seed: int,
+           out_dir: Path, resume: bool, as_json: bool) -> None:
+    """Find the best LSTM that fits the board: prune with the planner, train the rest on Ray, recommend one."""
+    import json
+
+    try:
+        from tinylstm import search as sr
+    except ImportError as e:
+        raise click.ClickException(f"the search needs Ray Tune ({e}): pip install 'tinylstm[search]'") from None
+    if (data is None) == (dataset is None):
+        raise click.ClickException("give either a data file or --dataset")
+    if data is not None and task is None:
+        raise click.ClickException("--task is required with a data file")
+    windows, strides = _list(window, int, "--window"), _list(stride, int, "--stride")
+    lrs = _list(lr, float, "--lr")
+    space = sr.SearchSpace(hidden=_list(hidden, int, "--hidden") or sr.DEFAULT_HIDDEN,
+                           layers=_list(layers, int, "--layers"), windows=windows, strides=strides, lrs=lrs)
+    if min(space.hidden) < 1 or not space.layers or not set(space.layers) <= {1, 2, 3} or \
+            min(windows or [1]) < 1 or min(strides or [1]) < 1 or min(lrs or [1]) <= 0:
+        raise click.ClickException("sizes, windows and strides must be >= 1, layers 1 to 3, learning rates > 0")
+    project = sr.project_sections(
+        dataset, str(data.resolve()) if data else None,
+        data={"features": features.split(",") if features else None, "window": windows[0] if windows else None,
+              "stride": strides[0] if strides else None, "seed": seed},
+        task={"kind": task, "label": label, "target": target}, train={"epochs": epochs, "seed": seed})
+    settings = sr.SearchSettings(board=board, project=project, space=space, objective=objective,
+                                 budget_trials=budget_trials, seed=seed, early_stop=not no_early_stop, retries=retries,
+                                 calibration=calibration or sr.DEFAULT_CALIBRATION, variant=variant)
+    try:
+        result = sr.search(settings, out_dir, address=address, resume=resume, verify=verify, num_cpus=cpus,
+                           progress=sr.Progress() if as_json else sr.ConsoleProgress(objective))
+    except sr.SearchError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result.summary, indent=2) if as_json else sr.summary_text(result))
 
 
 if __name__ == "__main__":
