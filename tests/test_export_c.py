@@ -59,15 +59,15 @@ def _compile_all(jobs: list[list[str]], cwd: Path) -> None:
                 pytest.fail(f"{' '.join(cmd)} failed:\n{result.stderr[-4000:]}")
 
 
-def _write_sources(models: dict[str, QuantizedModel], directory: Path) -> list[Path]:
+def _write_sources(models: dict[str, QuantizedModel], directory: Path, variant: str = "reference") -> list[Path]:
     """Render every model under its prefix plus one copy of the kernel; return the .c files."""
     directory.mkdir(parents=True, exist_ok=True)
     sources = []
-    for name, text in kernel_sources().items():
+    for name, text in kernel_sources(variant).items():
         (directory / name).write_text(text)
     sources.append(directory / "tinylstm_kernel.c")
     for prefix, model in models.items():
-        for name, text in render_c(model, prefix).items():
+        for name, text in render_c(model, prefix, variant).items():
             (directory / name).write_text(text)
         sources.append(directory / f"{prefix}.c")
     return sources
@@ -151,10 +151,10 @@ class JobResult:
 
 
 class HostProgram:
-    def __init__(self, models: dict[str, QuantizedModel], directory: Path) -> None:
+    def __init__(self, models: dict[str, QuantizedModel], directory: Path, variant: str = "reference") -> None:
         self.prefixes = list(models)
         self.models = list(models.values())
-        sources = _write_sources(models, directory)
+        sources = _write_sources(models, directory, variant)
         (directory / "driver.c").write_text(self._driver())
         # Several models per translation unit keeps the compiler runs few; each model keeps its own file.
         bundles = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,12 @@ class KernelCode:
     model_text_per_layer: int
     estimate: bool
     source: str
+    # The same four figures for the optimized kernel variants measured on this target (export.VARIANTS).
+    variants: dict[str, KernelCode] = field(default_factory=dict)
+
+    def for_variant(self, variant: str) -> KernelCode | None:
+        """The code figures of a kernel variant; None when they were not measured for this board."""
+        return self if variant == "reference" else self.variants.get(variant)
 
 
 @dataclass(frozen=True)
@@ -271,6 +277,18 @@ def _load_file(path: Path) -> Board:
     )
     if code.dense_text_bytes > code.kernel_text_bytes:
         raise code_fields.fail("dense_text_bytes", "is part of kernel_text_bytes, so it cannot be larger")
+    variants = code_fields.sub("variants", required=False)
+    if variants is not None:
+        for variant in variants.data:
+            v = variants.sub(variant)
+            code.variants[variant] = KernelCode(
+                kernel_text_bytes=v.positive("kernel_text_bytes"),
+                dense_text_bytes=v.positive("dense_text_bytes"),
+                model_text_base=v.get("model_text_base", int),
+                model_text_per_layer=v.positive("model_text_per_layer"),
+                estimate=code.estimate,
+                source=code.source,
+            )
 
     return Board(
         name=name,

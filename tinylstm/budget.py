@@ -193,18 +193,20 @@ def _category(name: str) -> str:
     return "other"
 
 
-def _alignment(name: str, layout_arch: str) -> int:
+def _alignment(name: str, layout_arch: str, variant: str = "reference") -> int:
     if layout_arch == "avr":
         return 1
+    if variant == "arm_dsp" and re.search(r"(_weights|^scratch)$", name):
+        return 4  # packed 32-bit words
     for pattern, align in _ALIGN_32BIT:
         if pattern.search(name):
             return align
     return 4
 
 
-def _padding_bound(buffers: list[Buffer], region: str, layout_arch: str) -> int:
+def _padding_bound(buffers: list[Buffer], region: str, layout_arch: str, variant: str = "reference") -> int:
     """Most bytes the linker can insert before the region's objects to align them (order is its choice)."""
-    return sum(_alignment(b.name, layout_arch) - 1 for b in buffers if b.region == region)
+    return sum(_alignment(b.name, layout_arch, variant) - 1 for b in buffers if b.region == region)
 
 
 def check_shape(shape: ModelShape) -> None:
@@ -222,8 +224,9 @@ def check_shape(shape: ModelShape) -> None:
         raise PlanError(f"outputs {shape.outputs} must be >= 1 (or none for no dense head)")
 
 
-def plan(board: Board, shape: ModelShape, *, buffer_window: bool = False, margin: float = DEFAULT_MARGIN) -> Plan:
-    """The plan for ``shape`` on ``board``.
+def plan(board: Board, shape: ModelShape, *, buffer_window: bool = False, margin: float = DEFAULT_MARGIN,
+         variant: str = "reference") -> Plan:
+    """The plan for ``shape`` on ``board`` with the kernel ``variant`` (export.VARIANTS).
 
     ``buffer_window``: the firmware keeps the whole input window (window x input bytes) in RAM instead of
     streaming it one sample at a time. ``margin``: headroom below this share of a resource makes it "tight".
@@ -231,13 +234,16 @@ def plan(board: Board, shape: ModelShape, *, buffer_window: bool = False, margin
     check_shape(shape)
     if not 0 <= margin < 1:
         raise PlanError(f"margin {margin} must be in [0, 1)")
+    code = board.code.for_variant(variant)
+    if code is None:
+        raise PlanError(f"no code size of the {variant!r} kernel is recorded for {board.name} "
+                        f"(recorded: reference{''.join(', ' + v for v in board.code.variants)})")
     layout_arch = _LAYOUT_ARCH[board.arch]
-    model_buffers = memory_layout(shape, layout_arch)
+    model_buffers = memory_layout(shape, layout_arch, variant)
     kernel_buffers = kernel_layout(layout_arch)
     items = [Item(b.name, _category(b.name), b.region, b.nbytes, "model") for b in model_buffers]
     items += [Item(b.name, _category(b.name), b.region, b.nbytes, "kernel") for b in kernel_buffers]
 
-    code = board.code
     layers = len(shape.hidden_sizes)
     kernel_text = code.kernel_text_bytes - (code.dense_text_bytes if shape.outputs is None else 0)
     items.append(Item("kernel code", "code", "flash", kernel_text, "kernel", upper_bound=True))
@@ -250,7 +256,7 @@ def plan(board: Board, shape: ModelShape, *, buffer_window: bool = False, margin
 
     all_buffers = model_buffers + kernel_buffers
     for region in REGIONS:
-        padding = _padding_bound(all_buffers, region, layout_arch)
+        padding = _padding_bound(all_buffers, region, layout_arch, variant)
         if padding:
             items.append(Item(f"{region} padding", "alignment padding", region, padding, "model", upper_bound=True))
 

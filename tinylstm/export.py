@@ -18,22 +18,29 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
-from tinylstm.qmodel import QuantizedModel
+from tinylstm.qmodel import LSTMLayer, QuantizedModel
 from tinylstm.reference import INT16_MAX, LayerKernel, wrap_int32
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "firmware_templates"
 KERNEL_FILES = ("tinylstm_kernel.h", "tinylstm_kernel.c")
 ARCHS = ("avr", "arm", "host")
+# Kernel variants: the readable reference, and the optimized kernels beside it (same API, same output bytes).
+VARIANTS = ("reference", "arm_dsp", "avr")
+VARIANT_FILES = {
+    "reference": KERNEL_FILES,
+    "arm_dsp": (*KERNEL_FILES, "tinylstm_kernel_arm_dsp.h"),
+    "avr": (*KERNEL_FILES, "tinylstm_kernel_arm_dsp.h", "tinylstm_kernel_avr.h"),
+}
 
 # (size, alignment) of each C type the generated objects use, per target: AVR (avr-gcc: 16-bit pointers, no
 # alignment), Arm EABI (32-bit), host x86-64 (LP64).
 _TYPES: dict[str, dict[str, tuple[int, int]]] = {
     "avr": {"int8_t": (1, 1), "uint8_t": (1, 1), "int16_t": (2, 1), "uint16_t": (2, 1), "int32_t": (4, 1),
-            "ptr": (2, 1)},
+            "uint32_t": (4, 1), "ptr": (2, 1)},
     "arm": {"int8_t": (1, 1), "uint8_t": (1, 1), "int16_t": (2, 2), "uint16_t": (2, 2), "int32_t": (4, 4),
-            "ptr": (4, 4)},
+            "uint32_t": (4, 4), "ptr": (4, 4)},
     "host": {"int8_t": (1, 1), "uint8_t": (1, 1), "int16_t": (2, 2), "uint16_t": (2, 2), "int32_t": (4, 4),
-             "ptr": (8, 8)},
+             "uint32_t": (4, 4), "ptr": (8, 8)},
 }
 
 # The parameter structs of tinylstm_kernel.h, field by field in declaration order ("ptr" is any data pointer).
@@ -128,8 +135,37 @@ class _Object:
     region: str
 
 
-def _objects(shape: ModelShape) -> list[_Object]:
-    """Every object the generated source defines, in emission order."""
+def _groups(n: int) -> int:
+    """Groups of four inputs (the Arm DSP layout pads every row to a multiple of four)."""
+    return -(-n // 4)
+
+
+def _objects(shape: ModelShape, variant: str = "reference") -> list[_Object]:
+    """Every object the generated source defines for ``variant``, in emission order."""
+    if variant == "reference":
+        return _reference_objects(shape)
+    objs: list[_Object] = []
+    previous = shape.input_size
+    scratch = 0
+    for n, hidden in enumerate(shape.hidden_sizes):
+        if variant == "arm_dsp":  # per unit: the packed words of both halves (tinylstm_kernel_arm_dsp.h)
+            objs.append(_Object(f"l{n}_weights", "uint32_t", hidden * 4 * (_groups(previous) + _groups(hidden)),
+                                "flash"))
+            scratch = max(scratch, 2 * (_groups(previous) + _groups(hidden)))
+        else:  # avr: per unit and input, the four gate weights offset by 128 (tinylstm_kernel_avr.h)
+            objs.append(_Object(f"l{n}_weights", "uint8_t", hidden * 4 * (previous + hidden), "flash"))
+            scratch = max(scratch, previous + hidden)
+        objs.append(_Object(f"l{n}_bias", "int32_t", 8 * hidden, "flash"))
+        if shape.layer_is_per_channel(n):
+            objs.append(_Object(f"l{n}_multiplier", "int32_t", 8 * hidden, "flash"))
+            objs.append(_Object(f"l{n}_shift", "int8_t", 8 * hidden, "flash"))
+        previous = hidden
+    objs += [o for o in _reference_objects(shape) if o.name.startswith("head_") or o.name.startswith("state_")]
+    objs.append(_Object("scratch", "uint32_t" if variant == "arm_dsp" else "uint8_t", scratch, "ram"))
+    return objs
+
+
+def _reference_objects(shape: ModelShape) -> list[_Object]:
     objs: list[_Object] = []
     previous = shape.input_size
     for n, hidden in enumerate(shape.hidden_sizes):
@@ -175,14 +211,27 @@ def _sizeof(ctype: str, arch: str) -> int:
     return -(-offset // align) * align
 
 
-def memory_layout(shape: ModelShape, arch: str) -> list[Buffer]:
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ExportError(f"unknown kernel variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+
+
+def default_variant(arch: str, dsp: bool) -> str:
+    """The fastest kernel variant for a code-generation family: avr, arm_dsp on Arm with DSP, else reference."""
+    if arch == "avr":
+        return "avr"
+    return "arm_dsp" if arch == "arm" and dsp else "reference"
+
+
+def memory_layout(shape: ModelShape, arch: str, variant: str = "reference") -> list[Buffer]:
     """Every object of one generated model with its exact size on ``arch`` ("avr", "arm" or "host").
 
     The shared kernel's objects (stored once per firmware) are listed by ``kernel_layout``; code is not included.
     """
     if arch not in _TYPES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
-    return [Buffer(o.name, o.region, o.count * _sizeof(o.ctype, arch)) for o in _objects(shape)]
+    check_variant(variant)
+    return [Buffer(o.name, o.region, o.count * _sizeof(o.ctype, arch)) for o in _objects(shape, variant)]
 
 
 def kernel_layout(arch: str) -> list[Buffer]:
@@ -245,8 +294,8 @@ def _c_int(v: int) -> str:
     return "INT32_MIN" if v == -(2**31) else str(v)
 
 
-def _array_initializer(values: np.ndarray, per_line: int = 16) -> str:
-    items = [_c_int(int(v)) for v in values]
+def _array_initializer(values: np.ndarray, per_line: int = 16, unsigned: bool = False) -> str:
+    items = [f"0x{int(v):08x}u" if unsigned else _c_int(int(v)) for v in values]
     lines = (", ".join(items[i:i + per_line]) for i in range(0, len(items), per_line))
     return "\n    " + ",\n    ".join(lines) + ",\n"
 
@@ -273,14 +322,22 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def render_c(model: QuantizedModel, prefix: str = "tinylstm_model") -> dict[str, str]:
-    """The model's generated sources, ``{"<prefix>.h": ..., "<prefix>.c": ...}`` (the kernel: ``kernel_sources``)."""
+def render_c(model: QuantizedModel, prefix: str = "tinylstm_model", variant: str = "reference") -> dict[str, str]:
+    """The model's generated sources, ``{"<prefix>.h": ..., "<prefix>.c": ...}`` (the kernel: ``kernel_sources``).
+
+    ``variant`` picks the kernel (VARIANTS); every variant computes the same bytes through the same API.
+    """
     check_prefix(prefix)
+    check_variant(variant)
     model.validate()
     shape = ModelShape.from_model(model)
     arrays, structs = _values(model)
+    layer_steps = []
+    if variant != "reference":
+        arrays.update(_variant_arrays(model, variant))
+        layer_steps = [_layer_step_c(prefix, n, layer, variant) for n, layer in enumerate(model.layers)]
     definitions = []
-    for obj in _objects(shape):
+    for obj in _objects(shape, variant):
         d = {"ctype": obj.ctype, "symbol": f"{prefix}_{obj.name}", "count": obj.count, "flash": obj.region == "flash"}
         if obj.ctype in _STRUCTS:
             fields = structs[obj.name]
@@ -290,7 +347,7 @@ def render_c(model: QuantizedModel, prefix: str = "tinylstm_model") -> dict[str,
         elif obj.region == "flash":
             if arrays[obj.name].size != obj.count:
                 raise AssertionError(f"{obj.name}: {arrays[obj.name].size} values for {obj.count} elements")
-            d["init"] = _array_initializer(arrays[obj.name])
+            d["init"] = _array_initializer(arrays[obj.name], unsigned=obj.ctype == "uint32_t")
         definitions.append(d)
     context = {
         "prefix": prefix,
@@ -302,6 +359,8 @@ def render_c(model: QuantizedModel, prefix: str = "tinylstm_model") -> dict[str,
         "definitions": definitions,
         "state_offsets": [sum(shape.hidden_sizes[:n]) for n in range(len(shape.hidden_sizes))],
         "input_zero_point": model.input.zero_point,
+        "variant": variant,
+        "layer_steps": layer_steps,
     }
     env = _environment()
     return {
@@ -310,9 +369,10 @@ def render_c(model: QuantizedModel, prefix: str = "tinylstm_model") -> dict[str,
     }
 
 
-def kernel_sources() -> dict[str, str]:
-    """The static kernel files (one copy per firmware, shared by every model)."""
-    return {name: (TEMPLATE_DIR / name).read_text() for name in KERNEL_FILES}
+def kernel_sources(variant: str = "reference") -> dict[str, str]:
+    """The static kernel files of ``variant`` (one copy per firmware, shared by every model)."""
+    check_variant(variant)
+    return {name: (TEMPLATE_DIR / name).read_text() for name in VARIANT_FILES[variant]}
 
 
 def _umask() -> int:
@@ -322,7 +382,8 @@ def _umask() -> int:
 
 
 def export_c(
-    model: QuantizedModel, out_dir: Path, *, prefix: str = "tinylstm_model", force: bool = False
+    model: QuantizedModel, out_dir: Path, *, prefix: str = "tinylstm_model", force: bool = False,
+    variant: str = "reference",
 ) -> list[Path]:
     """Write the model's sources and the kernel into ``out_dir``; return the written paths.
 
@@ -336,7 +397,7 @@ def export_c(
     occupied = out_dir.is_dir() and any(out_dir.iterdir())
     if occupied and not force:
         raise ExportError(f"{out_dir} is not empty; use --force to overwrite the generated files in it")
-    files = {**render_c(model, prefix), **kernel_sources()}
+    files = {**render_c(model, prefix, variant), **kernel_sources(variant)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -354,3 +415,157 @@ def export_c(
         if tmp.exists():
             shutil.rmtree(tmp)
     return [out_dir / name for name in files]
+
+
+# ---- optimized variants: packed constants and the per-layer step functions ---------------------------------
+
+_GATE_NAMES = ("i", "f", "g", "o")
+
+
+def _pack_dsp_half(w: np.ndarray) -> np.ndarray:
+    """Gate weights [4, H, n] as the Arm DSP words [H, 4 * groups] (see tinylstm_kernel_arm_dsp.h)."""
+    _, hidden, n = w.shape
+    padded = np.zeros((4, hidden, 4 * _groups(n)), dtype=np.int64)
+    padded[:, :, :n] = w
+    low = (padded + 128) & 0xFF  # rows i and g: the B accumulators
+    high = padded & 0xFF  # rows f and o
+
+    def words(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return a[:, 0::2] | (b[:, 0::2] << 8) | (a[:, 1::2] << 16) | (b[:, 1::2] << 24)
+
+    return np.stack([words(low[0], high[1]), words(low[2], high[3])], axis=2).reshape(hidden, -1)
+
+
+def _pack_avr_half(w: np.ndarray) -> np.ndarray:
+    """Gate weights [4, H, n] as [H, n * 4] bytes (w + 128), the four gates of one input side by side."""
+    return (w.astype(np.int64) + 128).transpose(1, 2, 0).reshape(w.shape[1], -1)
+
+
+def _unit_table(input_half: np.ndarray, hidden_half: np.ndarray) -> np.ndarray:
+    """Per-gate arrays [4, H] of both halves as [H * 8]: per unit (x: i f g o, h: i f g o)."""
+    return np.concatenate([np.asarray(input_half).reshape(4, -1), np.asarray(hidden_half).reshape(4, -1)]
+                          ).T.ravel()
+
+
+def _variant_arrays(model: QuantizedModel, variant: str) -> dict[str, np.ndarray]:
+    arrays: dict[str, np.ndarray] = {}
+    for n, layer in enumerate(model.layers):
+        kernel = LayerKernel(layer)
+        wx, wh = layer.input_weights.astype(np.int64), layer.hidden_weights.astype(np.int64)
+        if variant == "arm_dsp":
+            arrays[f"l{n}_weights"] = np.concatenate([_pack_dsp_half(wx), _pack_dsp_half(wh)], axis=1).ravel()
+            bias = _unit_table(kernel.input_bias, kernel.hidden_bias)
+        else:  # avr: the stored weights are w + 128, so each bias also takes off 128 * rowsum(w)
+            arrays[f"l{n}_weights"] = np.concatenate([_pack_avr_half(wx), _pack_avr_half(wh)], axis=1).ravel()
+            bias = _unit_table(kernel.input_bias - 128 * wx.sum(axis=2), kernel.hidden_bias - 128 * wh.sum(axis=2))
+        arrays[f"l{n}_bias"] = wrap_int32(bias)
+        if layer.per_channel:
+            arrays[f"l{n}_multiplier"] = _unit_table(layer.input_multiplier, layer.hidden_multiplier)
+            arrays[f"l{n}_shift"] = _unit_table(layer.input_shift, layer.hidden_shift)
+    return arrays
+
+
+def _fits_fast(bound: int, shift: int) -> bool:
+    """Whether tl_rq_fast is exact: |value| <= bound, so |value * 2^max(shift, 0)| < 2^30."""
+    return bound * (1 << max(shift, 0)) < 2**30
+
+
+def _requantize_expr(value: str, multiplier: int, shift: int, fast: bool) -> str:
+    if fast:
+        return f"tl_rq_fast({value}, {multiplier}, {max(shift, 0)}u, {max(-shift, 0)}u)"
+    return f"tinylstm_requantize({value}, {_c_int(multiplier)}, {shift})"
+
+
+# |sigmoid| <= 32767, |tanh| <= 32767, |cell| <= 32768: every gate product is below this bound.
+_PRODUCT_BOUND = 32767 * 32768
+
+
+def _layer_step_c(prefix: str, n: int, layer: LSTMLayer, variant: str) -> str:
+    """The step function of one layer for an optimized variant, specialised to the layer's constants."""
+    kernel = LayerKernel(layer)
+    p = f"{prefix}_l{n}"
+    inputs, H = layer.input_size, layer.hidden_size
+    lines = [f"static void {p}_step(const int8_t *x, int8_t *h, int16_t *cell)", "{"]
+    if variant == "arm_dsp":
+        gx = _groups(inputs)
+        lines += [
+            f"    uint32_t *const xs = {prefix}_scratch;",
+            f"    uint32_t *const hs = {prefix}_scratch + {2 * gx}u;",
+            f"    const uint32_t cx = tl_dsp_expand(x, {inputs}u, xs);",
+            f"    const uint32_t ch = tl_dsp_expand(h, {H}u, hs);",
+            f"    const uint32_t *w = {p}_weights;",
+        ]
+    else:
+        lines += [
+            f"    uint8_t *const xs = {prefix}_scratch;",
+            f"    uint8_t *const hs = {prefix}_scratch + {inputs}u;",
+            f"    const uint32_t cx = tl_avr_expand(x, {inputs}u, xs);",
+            f"    const uint32_t ch = tl_avr_expand(h, {H}u, hs);",
+            f"    const uint8_t *w = {p}_weights;",
+        ]
+    lines += [f"    const int32_t *b = {p}_bias;"]
+    if layer.per_channel:
+        lines += [f"    const int32_t *m = {p}_multiplier;", f"    const int8_t *s = {p}_shift;"]
+    lines += [f"    for (uint16_t j = 0; j < {H}u; ++j) {{", "        uint32_t acc[8];"]
+    for vec, corr, size, b0 in (("xs", "cx", inputs, 0), ("hs", "ch", H, 4)):
+        if variant == "arm_dsp":
+            lines.append(f"        tl_dsp_half(&w, {vec}, {_groups(size)}u, {corr}, b + {b0}, acc + {b0});")
+        else:
+            lines.append(f"        tl_avr_half(&w, {vec}, {size}u, {corr}, b + {b0}, acc + {b0});")
+    # Gate pre-activations: each half requantized (fast where the accumulator bound allows), then summed.
+    per_channel = layer.per_channel
+    rows = {"x": (kernel.input_bias, layer.input_weights), "h": (kernel.hidden_bias, layer.hidden_weights)}
+    for g, name in enumerate(_GATE_NAMES):
+        halves = []
+        for half, (key, mults, shifts) in enumerate((("x", layer.input_multiplier, layer.input_shift),
+                                                     ("h", layer.hidden_multiplier, layer.hidden_shift))):
+            value = f"tl_i32(acc[{4 * half + g}])"
+            if per_channel:
+                halves.append((f"tinylstm_requantize({value}, {_flash_i32('m', 4 * half + g)}, "
+                               f"{_flash_i8('s', 4 * half + g)})", False))
+                continue
+            bias, weights = rows[key]
+            bias = wrap_int32(bias[g])
+            bound = int(np.max(np.abs(bias) + 128 * np.abs(weights[g].astype(np.int64)).sum(axis=1)))
+            m, sh = int(mults[g]), int(shifts[g])
+            fast = _fits_fast(bound, sh)
+            halves.append((_requantize_expr(value, m, sh, fast), fast))
+        (from_x, _), (from_h, fast_h) = halves
+        lines.append(f"        const int32_t x_{name} = tl_ssat16({from_x});")
+        if fast_h:
+            combined = f"tl_ssat16({from_h} + x_{name})"
+        else:
+            combined = f"tl_add_clamp({from_h}, x_{name}, INT16_MIN, INT16_MAX)"
+        activation = f"tl_tanh({combined}, 0)" if name == "g" else f"tl_sigmoid({combined})"
+        lines.append(f"        const int32_t {name} = {activation};")
+    clip = layer.cell_clip if layer.cell_clip > 0 else INT16_MAX
+    ftc, fts = layer.forget_to_cell_multiplier, layer.forget_to_cell_shift
+    itc, its = layer.input_to_cell_multiplier, layer.input_to_cell_shift
+    om, osh = layer.output_multiplier, layer.output_shift
+    fast_f, fast_i, fast_o = (_fits_fast(_PRODUCT_BOUND, s) for s in (fts, its, osh))
+    lines.append(f"        const int32_t kept = tl_ssat16({_requantize_expr('f * cell[j]', ftc, fts, fast_f)});")
+    added = _requantize_expr("i * g", itc, its, fast_i)
+    if fast_i:
+        lines.append(f"        const int32_t c = tl_clamp({added} + kept, {-clip}, {clip});")
+    else:
+        lines.append(f"        const int32_t c = tl_add_clamp({added}, kept, {-clip}, {clip});")
+    lines.append("        cell[j] = (int16_t)c;")
+    out = _requantize_expr(f"o * tl_tanh(c, {layer.cell_scale_power + 12})", om, osh, fast_o)
+    zp = layer.output_zero_point
+    if fast_o:
+        lines.append(f"        h[j] = (int8_t)tl_ssat8({out} + {zp});")
+    else:
+        lines.append(f"        h[j] = (int8_t)tl_add_clamp({out}, {zp}, INT8_MIN, INT8_MAX);")
+    lines.append("        b += 8;")
+    if per_channel:
+        lines += ["        m += 8;", "        s += 8;"]
+    lines += ["    }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _flash_i32(pointer: str, index: int) -> str:
+    return f"TL_READ_I32(&{pointer}[{index}])"
+
+
+def _flash_i8(pointer: str, index: int) -> str:
+    return f"TL_READ_I8(&{pointer}[{index}])"
