@@ -28,7 +28,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     [ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
     log="$VENV/pip-install.log"
     # torch and executorch in one command, so executorch gets the pinned CPU torch.
-    if ! "$VENV/bin/pip" install torch==2.13.0 executorch==1.5.1 -e ".[dev,plot]" >"$log" 2>&1; then
+    if ! "$VENV/bin/pip" install torch==2.13.0 executorch==1.5.1 -e ".[dev,plot,search]" >"$log" 2>&1; then
         tail -n 30 "$log" >&2
         echo "setup: pip install failed; full log in $log" >&2
         exit 1

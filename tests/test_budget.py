@@ -103,20 +103,19 @@ def test_model_objects_match_the_compiler(board_name, tmp_path):
 # ---- the code figures of the board files against a fresh measurement ------------------------------------
 
 CODE_SHAPES = [(1, 1, 1, 1), (3, 10, 5, 4), (6, 100, 32, 3), (7, 257, 33, 2), (17, 1000, 24, 16), (2, 300, 9, 1)]
-# A program that references every function of a generated model, so --gc-sections keeps them all (it is
-# linked, never run).
+# A program that references the functions of a generated model that the firmware calls (reset, step, output,
+# run), so --gc-sections keeps exactly those (it is linked, never run). The state accessors hidden() and cell()
+# are left to the linker's garbage collection, as in the firmware.
 CODE_MAIN = """
 #include <stdint.h>
 #include "m.h"
 static int8_t buffer[M_INPUT_SIZE + M_OUTPUT_SIZE];
-volatile uintptr_t sink;
 int main(void)
 {
     m_reset();
     m_step(buffer);
-    m_output(buffer);
+    m_output(buffer + M_INPUT_SIZE);
     m_run(buffer, buffer + M_INPUT_SIZE);
-    sink = (uintptr_t)m_hidden(0) + (uintptr_t)m_cell(0);
     for (;;) {}
 }
 """
@@ -137,8 +136,8 @@ def measure_code(cc: str, target_flags: tuple[str, ...], tmp_path: Path, variant
 
     Kernel: the growth of the linked .text when a model is linked in (library routines it pulls in included),
     minus the model's own functions and flash objects, at most over the shapes; with and without a head, as
-    --gc-sections drops tinylstm_dense without one. Model: the largest .text of the generated functions per
-    layer count, over CODE_SHAPES with and without a head.
+    --gc-sections drops tinylstm_dense without one. Model: the largest size of the generated functions the
+    linker keeps, per layer count, over CODE_SHAPES with and without a head.
     """
     (tmp_path / "empty.c").write_text(EMPTY_MAIN)
     base = linked_text(cc, target_flags, [tmp_path / "empty.c"], tmp_path / "empty.elf")
@@ -153,16 +152,17 @@ def measure_code(cc: str, target_flags: tuple[str, ...], tmp_path: Path, variant
                 out = tmp_path / f"c{layers}_{n}_{head}"
                 export_c(model, out, prefix="m", variant=variant)
                 (out / "main.c").write_text(CODE_MAIN)
-                sections = section_sizes(compile_c(out / "m.c", cc, target_flags), cc)
-                model_text = sum(size for name, size in sections.items() if name.startswith(".text"))
+                text = linked_text(cc, target_flags, [out / "main.c", out / "m.c", out / "tinylstm_kernel.c"],
+                                   out / "fw.elf")
+                shape = ModelShape.from_model(model)
+                objects = {"m_" + b.name for b in memory_layout(shape, arch, variant)}
+                model_text = sum(size for name, (kind, size) in symbol_sizes(out / "fw.elf", cc).items()
+                                 if kind in "tT" and name.startswith("m_") and name not in objects)
                 largest[layers] = max(largest.get(layers, 0), model_text)
                 if layers > 1:  # the kernel's code does not depend on the layer count
                     continue
-                text = linked_text(cc, target_flags, [out / "main.c", out / "m.c", out / "tinylstm_kernel.c"],
-                                   out / "fw.elf")
                 progmem = 0
                 if arch == "avr":  # PROGMEM objects sit in .text on AVR
-                    shape = ModelShape.from_model(model)
                     progmem = sum(b.nbytes for b in memory_layout(shape, arch, variant) + kernel_layout(arch)
                                   if b.region == "flash")
                 main_text = section_sizes(compile_c(out / "main.c", cc, target_flags), cc)
@@ -213,11 +213,13 @@ def test_recorded_code_size_matches_a_fresh_measurement(target, variant, tmp_pat
         assert not code.estimate, f"{name}: the code figures are measured, so 'estimate' must be false"
         assert recorded == fresh, (f"{name} ({cc} {' '.join(flags)}, {variant}): board file {recorded}, "
                                    f"measured {fresh}")
-    # The bound must hold and stay close: within 48 bytes of the largest model code for each layer count (the
-    # optimized variants specialise each layer's code to its constants, so theirs varies more: 64 per layer).
+    # The bound must hold and stay close: within 48 bytes of the largest model code for each layer count. The
+    # optimized variants specialise each layer's code to its constants (the AVR one by a few hundred bytes), so
+    # theirs may exceed it by 64 bytes per layer or a quarter of the bound, whichever is larger.
     for layers, text in measured["largest"].items():
         bound = measured["model_text_base"] + measured["model_text_per_layer"] * layers
-        assert text <= bound <= text + (48 if variant == "reference" else 64 * layers)
+        slack = 48 if variant == "reference" else max(64 * layers, bound // 4)
+        assert text <= bound <= text + slack
 
 
 # ---- the acceptance cases ----------------------------------------------------------------------------------
@@ -266,14 +268,19 @@ def test_max_hidden_on_uno_sim_really_fits(tmp_path):
         data, bss = sections.get(".data", 0), sections.get(".bss", 0)
         return sections[".text"] + data, data + bss
 
+    def code(source: Path) -> int:
+        return sum(size for name, size in section_sizes(compile_c(source, AVR_GCC, board.gcc_target_flags),
+                                                        AVR_GCC).items() if name.startswith(".text"))
+
     full = flash_and_ram([out / "main.c", out / "m.c", out / "tinylstm_kernel.c"], out / "fw.elf")
     empty = flash_and_ram([out / "empty.c"], out / "empty.elf")
-    flash, ram = full[0] - empty[0], full[1] - empty[1]
+    main_code = code(out / "main.c") - code(out / "empty.c")  # the test's own main(), not the model's
+    flash, ram = full[0] - empty[0] - main_code, full[1] - empty[1]
     assert flash + board.overhead.flash_bytes <= board.flash_bytes
     assert ram + board.overhead.ram_bytes <= board.ram_bytes
     p = plan(board, ModelShape.from_model(model), buffer_window=True)
     assert p.ram.model == ram  # h, c, scratch, the window and the output: exact on AVR
-    assert flash <= p.flash.model <= flash + 160  # code is a bound; main() itself is in the linked figure
+    assert flash <= p.flash.model <= flash + 64  # code is a bound within a few bytes
 
 
 def test_far_too_large_model_on_uno_exits_1_naming_the_resource():

@@ -699,8 +699,8 @@ def _list(text: str | None, kind: type, option: str) -> list[Any] | None:
 @click.option("--budget-trials", type=click.IntRange(1), help="Train at most N candidates (a seeded sample).")
 @click.option("--objective", type=click.Choice(["accuracy", "latency", "balanced"]), default="accuracy",
               show_default=True, help="Which model of the Pareto front to recommend.")
-@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path),
-              help="Kernel benchmark results for the latency model [default: docs/performance.json].")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
+              help="Kernel benchmark results for the latency model, repeatable [default: docs/performance.json].")
 @click.option("--variant", type=click.Choice(["reference", "arm_dsp", "avr"]), default="reference", show_default=True,
               help="The kernel variant to plan and cost (the firmware `tinylstm run` builds uses reference).")
 @click.option("--address", help="Attach to this Ray cluster (e.g. ray://head:10001 or auto) instead of a local one.")
@@ -717,7 +717,7 @@ def _list(text: str | None, kind: type, option: str) -> list[Any] | None:
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the report.")
 def search(data: Path | None, dataset: str | None, task: str | None, features: str | None, target: str | None,
            label: str | None, board: str, hidden: str | None, layers: str, window: str | None, stride: str | None,
-           lr: str | None, epochs: int | None, budget_trials: int | None, objective: str, calibration: Path | None,
+           lr: str | None, epochs: int | None, budget_trials: int | None, objective: str, calibration: tuple[Path, ...],
            variant: str, address: str | None, cpus: int, retries: int, no_early_stop: bool, verify: bool, seed: int,
            out_dir: Path, resume: bool, as_json: bool) -> None:
     """Find the best LSTM that fits the board: prune with the planner, train the rest on Ray, recommend one."""
@@ -745,13 +745,15 @@ def search(data: Path | None, dataset: str | None, task: str | None, features: s
         task={"kind": task, "label": label, "target": target}, train={"epochs": epochs, "seed": seed})
     settings = sr.SearchSettings(board=board, project=project, space=space, objective=objective,
                                  budget_trials=budget_trials, seed=seed, early_stop=not no_early_stop, retries=retries,
-                                 calibration=calibration or sr.DEFAULT_CALIBRATION, variant=variant)
+                                 calibration=calibration or (sr.DEFAULT_CALIBRATION,), variant=variant)
     try:
         result = sr.search(settings, out_dir, address=address, resume=resume, verify=verify, num_cpus=cpus,
                            progress=sr.Progress() if as_json else sr.ConsoleProgress(objective))
     except sr.SearchError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result.summary, indent=2) if as_json else sr.summary_text(result))
+    if result.recommended is None or (result.verification is not None and not result.verification["ok"]):
+        raise click.exceptions.Exit(1)
 
 
 if __name__ == "__main__":

@@ -205,12 +205,17 @@ static void handle_run(uint8_t sequence, uint16_t payload)
         return;
     }
     counter_start();
-    if (flags & RUN_FIRST)
-        m->reset();
-    for (uint16_t t = 0; t < steps; t++)
-        m->step((const int8_t *)(body + 1 + (uint32_t)t * m->input_size));
-    if (flags & RUN_LAST)
-        m->output((int8_t *)(body + 6));
+    if ((flags & RUN_FIRST) && (flags & RUN_LAST) && steps == m->window) {
+        /* A whole window in one frame: the model's own run(); the output is written after the last read. */
+        m->run((const int8_t *)(body + 1), (int8_t *)(body + 6));
+    } else {
+        if (flags & RUN_FIRST)
+            m->reset();
+        for (uint16_t t = 0; t < steps; t++)
+            m->step((const int8_t *)(body + 1 + (uint32_t)t * m->input_size));
+        if (flags & RUN_LAST)
+            m->output((int8_t *)(body + 6));
+    }
     uint32_t cycles = elapsed();
     if (flags & RUN_FIRST) {
         run_cycles = 0;
