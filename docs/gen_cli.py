@@ -11,8 +11,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import click
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tinylstm.cli import main  # noqa: E402
 
@@ -21,13 +19,15 @@ WIDTH = 100
 
 
 def render() -> str:
-    root = click.Context(main, info_name="tinylstm", terminal_width=WIDTH, max_content_width=WIDTH)
+    # make_context applies each command's own context settings (-h as well as --help), as a real call does.
+    root = main.make_context("tinylstm", [], resilient_parsing=True, terminal_width=WIDTH, max_content_width=WIDTH)
     lines = ["# Command-line reference", "",
              "Generated from the commands' own help by `python docs/gen_cli.py`; do not edit by hand.", "",
              "```text", main.get_help(root), "```", ""]
     for name in main.list_commands(root):
         command = main.get_command(root, name)
-        ctx = click.Context(command, info_name=name, parent=root, terminal_width=WIDTH, max_content_width=WIDTH)
+        ctx = command.make_context(name, [], parent=root, resilient_parsing=True, terminal_width=WIDTH,
+                                   max_content_width=WIDTH)
         lines += [f"## tinylstm {name}", "", "```text", command.get_help(ctx), "```", ""]
     return "\n".join(lines)
 

@@ -187,3 +187,14 @@ def test_bench_sources_and_batches_bit_exact(uno_device):
     assert unknown.value.code == 9
     entry = bench.bench_model(device, model, windows=30, source="seed", seed=3)
     assert entry["mismatches"] == 0 and entry["method"] == "BENCH seeded" and entry["windows"] == 30
+
+
+def test_bench_needs_models_or_the_suite():
+    from click.testing import CliRunner
+
+    from tinylstm.cli import main
+
+    missing = CliRunner().invoke(main, ["bench"])
+    assert missing.exit_code == 2 and "give --model and --board (or --suite)" in missing.output
+    mixed = CliRunner().invoke(main, ["bench", "--suite", "--board", "uno_sim"])
+    assert mixed.exit_code == 2 and "drop --model/--board" in mixed.output

@@ -225,13 +225,15 @@ def _connect(board: Board, url: str, timeout: float, ready_timeout: float, baud:
 
 @contextlib.contextmanager
 def _flashed(board: Board, model: QuantizedModel, port: str | None, work_dir: Path, timeout: float,
-             ready_timeout: float, baud: int | None, built: dict[str, Any]) -> Iterator[hil.HILClient]:
-    """A device running a firmware built for ``model``: in the board's emulator (no port) or uploaded to the
-    real board on ``port``. Fills ``built`` with the linker's sizes and the planner's prediction."""
+             ready_timeout: float, baud: int | None, built: dict[str, Any], variant: str | None = None
+             ) -> Iterator[hil.HILClient]:
+    """A device running a firmware built for ``model`` with the kernel ``variant`` (None: firmware.board_variant):
+    in the board's emulator (no port) or uploaded to the real board on ``port``. Fills ``built`` with the
+    linker's sizes and the planner's prediction."""
     if board.emulator is None and port is None:
         raise BenchError(f"{board.name} is a real board: give its serial port (--port)")
-    (p,) = firmware.check_fits(model, board)
-    project = firmware.generate_project(model, board, work_dir / model.digest(), force=True)
+    (p,) = firmware.check_fits(model, board, variant)
+    project = firmware.generate_project(model, board, work_dir / model.digest(), force=True, variant=variant)
     result = firmware.build(project)
     planned_flash, planned_ram = firmware.predicted_sizes(p)
     built.update({"flash": result.sizes.flash, "ram": result.sizes.ram, "compiler": result.compiler,
@@ -249,13 +251,14 @@ def run_bench(models: Sequence[QuantizedModel], board: Board | str, *, port: str
               windows: int = 50, source: str = "auto", seed: int = DEFAULT_SEED, timeout: float = 30.0,
               ready_timeout: float = 15.0, baud: int | None = None, work_dir: Path | None = None,
               model_paths: Sequence[str] | None = None,
-              on_progress: Progress | None = None) -> dict[str, Any]:
+              on_progress: Progress | None = None, variant: str | None = None) -> dict[str, Any]:
     """Benchmark each model on the board and return the report (docs/bench-report.schema.json).
 
     Without ``port`` an emulated board gets one firmware per model, built and run in its emulator (stopped
     afterwards). With ``port`` the device there is used as it is (each model selected by hash), or, with
     ``flash``, each model is built and uploaded to it first. ``baud`` overrides the board's HIL baud rate.
-    ``on_progress(n)`` is called after each batch of n windows.
+    ``on_progress(n)`` is called after each batch of n windows. ``variant``: the kernel of the firmwares built
+    here (export.VARIANTS; None: firmware.board_variant).
     """
     board = load_board(board) if isinstance(board, str) else board
     if not models:
@@ -273,7 +276,8 @@ def run_bench(models: Sequence[QuantizedModel], board: Board | str, *, port: str
             built: dict[str, Any] = {}
             with contextlib.ExitStack() as per_model:
                 client = shared or per_model.enter_context(
-                    _flashed(board, model, port, Path(work_dir), timeout, ready_timeout, baud, built))
+                    _flashed(board, model, port, Path(work_dir), timeout, ready_timeout, baud, built,
+                             variant))
                 entry = bench_model(client, model, windows=windows, source=source, seed=seed,
                                     on_progress=on_progress)
                 board_entry = board_entry or _board_entry(board, client.info, client.url)

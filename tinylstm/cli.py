@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -400,7 +401,13 @@ def plan(board_name: str, input_size: int, hidden: int | None, layers: int, wind
         raise SystemExit(1)
 
 
-def _firmware_project(model_path: Path, board_name: str, out_dir: Path | None) -> Any:
+_VARIANT_OPTION = click.option(
+    "--variant", type=click.Choice(["reference", "arm_dsp", "avr"]), default=None,
+    help="Kernel variant to build (default: the board's fastest whose size the planner confirms; "
+         "currently reference).")
+
+
+def _firmware_project(model_path: Path, board_name: str, out_dir: Path | None, variant: str | None) -> Any:
     """Load the model and board, check the plan, and generate the PlatformIO project; (project, plan)."""
     from tinylstm import firmware
     from tinylstm.boards import BoardError, load_board
@@ -409,10 +416,10 @@ def _firmware_project(model_path: Path, board_name: str, out_dir: Path | None) -
     try:
         model = load(model_path)
         board = load_board(board_name)
-        (plan,) = firmware.check_fits(model, board)
+        (plan,) = firmware.check_fits(model, board, variant)
         out_dir = out_dir or Path("tinylstm-firmware") / f"{board.name}-{model.digest()}"
         existing = (out_dir / firmware.PROJECT_MANIFEST).is_file()
-        project = firmware.generate_project(model, board, out_dir, force=existing)
+        project = firmware.generate_project(model, board, out_dir, force=existing, variant=variant)
     except (ModelFormatError, BoardError, firmware.FirmwareError) as e:
         raise click.ClickException(str(e)) from None
     return project, plan
@@ -424,17 +431,18 @@ def _firmware_project(model_path: Path, board_name: str, out_dir: Path | None) -
 @click.option("--board", "board_name", required=True, help="Board name (see `tinylstm boards`).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Project directory (default: tinylstm-firmware/<board>-<model hash>).")
-def build(model_path: Path, board_name: str, out_dir: Path | None) -> None:
+@_VARIANT_OPTION
+def build(model_path: Path, board_name: str, out_dir: Path | None, variant: str | None) -> None:
     """Generate the firmware project for a model and board, build it with PlatformIO, and show its memory use."""
     from tinylstm import firmware
 
-    project, plan = _firmware_project(model_path, board_name, out_dir)
+    project, plan = _firmware_project(model_path, board_name, out_dir, variant)
     try:
         result = firmware.build(project)
     except firmware.FirmwareError as e:
         raise click.ClickException(str(e)) from None
     flash, ram = firmware.predicted_sizes(plan)
-    click.echo(f"built {result.elf} with {result.compiler}")
+    click.echo(f"built {result.elf} with {result.compiler} ({project.variant} kernel)")
     click.echo(f"{'':6} {'linker':>10} {'planner':>10} {'board':>10}")
     click.echo(f"{'flash':6} {result.sizes.flash:>10,} {flash:>10,} {project.board.flash_bytes:>10,}")
     click.echo(f"{'RAM':6} {result.sizes.ram:>10,} {ram:>10,} {project.board.ram_bytes:>10,}"
@@ -449,8 +457,9 @@ def build(model_path: Path, board_name: str, out_dir: Path | None) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Project directory (default: tinylstm-firmware/<board>-<model hash>).")
 @click.option("--stop", is_flag=True, help="Stop the emulators started by earlier flash commands (of --board only).")
+@_VARIANT_OPTION
 def flash(model_path: Path | None, board_name: str | None, port: str | None, out_dir: Path | None,
-          stop: bool) -> None:
+          stop: bool, variant: str | None) -> None:
     """Build and flash a model. An emulated board starts in the background and the serial URL is printed."""
     from tinylstm import firmware
 
@@ -463,7 +472,7 @@ def flash(model_path: Path | None, board_name: str | None, port: str | None, out
         return
     if model_path is None or board_name is None:
         raise click.UsageError("--model and --board are required (or --stop)")
-    project, _ = _firmware_project(model_path, board_name, out_dir)
+    project, _ = _firmware_project(model_path, board_name, out_dir, variant)
     try:
         if project.board.emulated and port is not None:
             raise firmware.FirmwareError(f"{project.board.name} is emulated; it gets its own port (drop --port)")
@@ -483,10 +492,14 @@ def flash(model_path: Path | None, board_name: str | None, port: str | None, out
 
 
 @main.command()
-@click.option("--model", "model_paths", required=True, multiple=True,
+@click.option("--suite", is_flag=True,
+              help="Instead: the kernel benchmark suite (every kernel variant on the emulated boards over the "
+                   "standard shapes); writes --json (default performance.json) and the table into --markdown "
+                   "(default performance.md).")
+@click.option("--model", "model_paths", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A quantized model file (.npz); repeat it to benchmark several (e.g. hidden sizes).")
-@click.option("--board", "board_name", required=True, help="Board name (see `tinylstm boards`).")
+@click.option("--board", "board_name", help="Board name (see `tinylstm boards`).")
 @click.option("--port", help="Serial port or URL of the device (a real board, or an emulator already running). "
                              "Without it an emulated board is built and started for each model.")
 @click.option("--flash", "flash_first", is_flag=True, help="With --port: build each model and upload it first.")
@@ -503,15 +516,23 @@ def flash(model_path: Path | None, board_name: str | None, port: str | None, out
               help="Write the Markdown summary.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a PNG: cycles histogram, and cycles per step vs hidden size for several models.")
-def bench(model_paths: tuple[Path, ...], board_name: str, port: str | None, flash_first: bool, windows: int,
-          source: str, seed: int, timeout: float, json_out: Path | None, markdown_out: Path | None,
-          plot_out: Path | None) -> None:
+@_VARIANT_OPTION
+def bench(suite: bool, model_paths: tuple[Path, ...], board_name: str | None, port: str | None, flash_first: bool,
+          windows: int, source: str, seed: int, timeout: float, json_out: Path | None, markdown_out: Path | None,
+          plot_out: Path | None, variant: str | None) -> None:
     """Benchmark models on a board: latency from the device's own counter, every output checked bit for bit
     against the integer reference, and accuracy on held-out data from the device's outputs."""
     from tinylstm import bench as hil_bench
     from tinylstm import firmware, hil, qmodel
     from tinylstm.boards import BoardError, load_board
 
+    if suite:
+        if model_paths or board_name:
+            raise click.UsageError("--suite measures its own models on the emulated boards: drop --model/--board")
+        _bench_suite(json_out or Path("performance.json"), markdown_out or Path("performance.md"))
+        return
+    if not model_paths or not board_name:
+        raise click.UsageError("give --model and --board (or --suite)")
     if flash_first and port is None:
         raise click.UsageError("--flash needs --port (an emulated board without --port is always built and run)")
     try:
@@ -521,7 +542,8 @@ def bench(model_paths: tuple[Path, ...], board_name: str, port: str | None, flas
                                file=sys.stderr) as bar:
             report = hil_bench.run_bench(models, board, port=port, flash=flash_first, windows=windows,
                                          source=source, seed=seed, timeout=timeout,
-                                         model_paths=[str(p) for p in model_paths], on_progress=bar.update)
+                                         model_paths=[str(p) for p in model_paths], on_progress=bar.update,
+                                         variant=variant)
         text = hil_bench.markdown(report)
         if json_out:
             hil_bench.write_json(report, json_out)
@@ -537,6 +559,21 @@ def bench(model_paths: tuple[Path, ...], board_name: str, port: str | None, flas
     details = [d for d in map(hil_bench.mismatch_detail, report["models"]) if d]
     if details:
         raise click.ClickException("\n".join(details))
+
+
+def _bench_suite(json_out: Path, markdown_out: Path) -> None:
+    from tinylstm import firmware, perf
+
+    with tempfile.TemporaryDirectory(prefix="tinylstm-suite-") as work:
+        try:
+            result = perf.run_suite(Path(work), firmware.cache_dir() / "bench",
+                                    log=lambda line: click.echo(line, err=True))
+            perf.write_report(result, json_out, markdown_out)
+        except perf.PerfError as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(f"cannot write: {e}") from None
+    click.echo(perf.markdown_table(result))
 
 
 def _run_pipeline(config: Any, out_dir: Path) -> None:

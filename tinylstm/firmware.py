@@ -244,6 +244,7 @@ class Project:
     board: Board
     prefixes: list[str]
     digests: list[str]
+    variant: str = "reference"  # the kernel variant the project was generated with (export.VARIANTS)
 
     @property
     def env_name(self) -> str:
@@ -259,7 +260,8 @@ class Project:
         if not manifest.is_file():
             raise FirmwareError(f"{path} is not a tinylstm firmware project (no {PROJECT_MANIFEST})")
         data = json.loads(manifest.read_text())
-        return cls(Path(path), load_board(data["board"]), data["prefixes"], data["digests"])
+        return cls(Path(path), load_board(data["board"]), data["prefixes"], data["digests"],
+                   data.get("variant", "reference"))
 
 
 def _jinja() -> jinja2.Environment:
@@ -305,15 +307,37 @@ def default_prefixes(models: Sequence[QuantizedModel]) -> list[str]:
     return ["tinylstm_model"] if len(models) == 1 else [f"m{i:02d}" for i in range(len(models))]
 
 
+# Kernel variants whose recorded code figures the linker confirms in firmware builds (within 1% or 64 B,
+# tests/test_firmware_targets.py). The optimized variants' figures are off by up to a few hundred bytes in the
+# HIL firmware (arm_dsp under, avr over), so a firmware uses them only when asked for.
+PLANNED_VARIANTS = ("reference",)
+
+
+def board_variant(board: Board, variant: str | None = None) -> str:
+    """The kernel variant to build for ``board``: ``variant`` if given (checked), else the board's fastest
+    (``export.default_variant``) when the planner's figures for it are confirmed, else the reference."""
+    if variant is None:
+        fastest = export.default_variant(board.arch, board.dsp)
+        return fastest if fastest in PLANNED_VARIANTS else "reference"
+    try:
+        export.check_variant(variant)
+    except export.ExportError as e:
+        raise FirmwareError(str(e)) from None
+    return variant
+
+
 def generate_project(models: QuantizedModel | Sequence[QuantizedModel], board: Board | str, out_dir: Path, *,
-                     prefixes: Sequence[str] | None = None, force: bool = False) -> Project:
+                     prefixes: Sequence[str] | None = None, force: bool = False,
+                     variant: str | None = None) -> Project:
     """Write a PlatformIO project serving ``models`` over the HIL protocol on ``board`` into ``out_dir``.
 
+    ``variant`` is the kernel (export.VARIANTS); None picks ``board_variant(board)``.
     Several models share one firmware (each with its own prefix); the host selects one by its hash. The project
     is rendered into a temporary directory and renamed into place; an existing project is replaced only with
     ``force`` (its .pio build cache is kept).
     """
     board = load_board(board) if isinstance(board, str) else board
+    variant = board_variant(board, variant)
     models = [models] if isinstance(models, QuantizedModel) else list(models)
     if not models:
         raise FirmwareError("a firmware needs at least one model")
@@ -332,10 +356,10 @@ def generate_project(models: QuantizedModel | Sequence[QuantizedModel], board: B
     files: dict[str, str] = {}
     try:
         for model, prefix in zip(models, prefixes, strict=True):
-            files.update({f"src/{name}": text for name, text in export.render_c(model, prefix).items()})
+            files.update({f"src/{name}": text for name, text in export.render_c(model, prefix, variant).items()})
     except export.ExportError as e:
         raise FirmwareError(str(e)) from None
-    files.update({f"src/{name}": text for name, text in export.kernel_sources().items()})
+    files.update({f"src/{name}": text for name, text in export.kernel_sources(variant).items()})
     for name in ["hil_main.c", "hil_port.h", *platform_sources(board)]:
         files[f"src/{name}"] = (HIL_TEMPLATE_DIR / name).read_text()
 
@@ -366,7 +390,8 @@ def generate_project(models: QuantizedModel | Sequence[QuantizedModel], board: B
         board=board, models=[{"prefix": p, "digest": d} for p, d in zip(prefixes, digests, strict=True)],
         platform=_platform_spec(board), platform_packages=_platform_packages(board), ldscript=ldscript,
         baud=context["baud"], upload_command=_upload_command(board))
-    files[PROJECT_MANIFEST] = json.dumps({"board": board.name, "prefixes": prefixes, "digests": digests}, indent=2)
+    files[PROJECT_MANIFEST] = json.dumps({"board": board.name, "prefixes": prefixes, "digests": digests,
+                                          "variant": variant}, indent=2)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -382,7 +407,7 @@ def generate_project(models: QuantizedModel | Sequence[QuantizedModel], board: B
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return Project(out_dir, board, prefixes, digests)
+    return Project(out_dir, board, prefixes, digests, variant)
 
 
 def _platform_spec(board: Board) -> str:
@@ -408,10 +433,13 @@ def _upload_command(board: Board) -> str | None:
 # Planner check, build and sizes
 # ----------------------------------------------------------------------------------------------------------
 
-def check_fits(models: QuantizedModel | Sequence[QuantizedModel], board: Board) -> list[Plan]:
-    """The planner's verdict for each model on the board, before any compile; FirmwareError if one does not fit."""
+def check_fits(models: QuantizedModel | Sequence[QuantizedModel], board: Board, variant: str | None = None
+               ) -> list[Plan]:
+    """The planner's verdict for each model on the board with the kernel ``generate_project`` builds for
+    ``variant`` (None: ``board_variant(board)``), before any compile; FirmwareError if one does not fit."""
     models = [models] if isinstance(models, QuantizedModel) else list(models)
-    plans = [plan(board, ModelShape.from_model(m)) for m in models]
+    variant = board_variant(board, variant)
+    plans = [plan(board, ModelShape.from_model(m), variant=variant) for m in models]
     for model, p in zip(models, plans, strict=True):
         if not p.fits:
             raise FirmwareError(f"model {model.name} does not fit {board.name}: {'; '.join(p.reasons)}")
@@ -555,10 +583,11 @@ def measure_overhead(board: Board | str, work_dir: Path) -> Overhead:
     if board.emulator is None:
         raise FirmwareError(f"{board.name} is not emulated: its overhead cannot be measured offline")
     model = minimal_model()
-    hil_project = generate_project(model, board, Path(work_dir) / "hil", force=True)
+    # The overhead does not depend on the kernel: measured with the reference kernel and its exact code figures.
+    hil_project = generate_project(model, board, Path(work_dir) / "hil", force=True, variant="reference")
     hil_sizes = build(hil_project).sizes
     bare_path = Path(work_dir) / "bare"
-    bare_project = generate_project(model, board, bare_path, force=True)
+    bare_project = generate_project(model, board, bare_path, force=True, variant="reference")
     for source in (bare_path / "src").iterdir():
         if source.name != "startup_cortexm.c":
             source.unlink()
