@@ -144,35 +144,46 @@ def _counts(marks: list[int]) -> tuple[list[int], int]:
 
 # ---- Cortex-M on QEMU ----------------------------------------------------------------------------------------
 
+def _cached_tool(source_name: str, binary: Path, flags: list[str], what: str) -> Path:
+    """A host tool compiled from ``boards/emulators/<source_name>`` into ``binary`` when missing or stale."""
+    source = EMULATOR_SOURCES / source_name
+    if not binary.is_file() or binary.stat().st_mtime < source.stat().st_mtime:
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        tmp = binary.with_name(f".{binary.name}.{os.getpid()}")
+        _run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(source), *flags], what)
+        tmp.replace(binary)
+    return binary
+
+
+def _build_bench(model: QuantizedModel, variant: str, window: np.ndarray, directory: Path, main_source: str,
+                 compile_command: list[str], link_flags: list[str], size_tool: str) -> tuple[Path, int]:
+    """Compile the model, its kernel and the benchmark main, and link them into ``directory/bench.elf``."""
+    sources = _write_sources(model, variant, window, directory)
+    shutil.copy(BENCH_DIR / main_source, directory / main_source)
+    common = [*compile_command, "-ffunction-sections", "-fdata-sections", f"-I{directory}"]
+    objects = []
+    for source in [*sources, directory / main_source]:
+        obj = source.with_suffix(".o")
+        _run([*common, "-c", str(source), "-o", str(obj)], f"compiling {source.name}", text=True)
+        objects.append(obj)
+    elf = directory / "bench.elf"
+    _run([*common, *link_flags, *map(str, objects), "-o", str(elf)], "linking", text=True)
+    return elf, _text_size(objects[:2], size_tool)
+
+
 def plugin_path(cache: Path) -> Path:
     """The instruction-count plugin, compiled into ``cache`` when missing or older than its source."""
-    source = EMULATOR_SOURCES / "qemu_insn_count.c"
-    lib = cache / "qemu_insn_count.so"
-    if not lib.is_file() or lib.stat().st_mtime < source.stat().st_mtime:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = lib.with_name(f".{lib.name}.{os.getpid()}")
-        _run(["gcc", "-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-o", str(tmp), str(source)], "plugin build")
-        tmp.replace(lib)
-    return lib
+    return _cached_tool("qemu_insn_count.c", cache / "qemu_insn_count.so", ["-shared", "-fPIC"], "plugin build")
 
 
 def build_arm(model: QuantizedModel, variant: str, window: np.ndarray, directory: Path,
               target_flags: tuple[str, ...] = ("-mcpu=cortex-m4",), flags: tuple[str, ...] = ARM_FLAGS
               ) -> tuple[Path, int]:
     """The QEMU benchmark firmware for ``model``; returns the ELF and the .text of model and kernel code."""
-    sources = _write_sources(model, variant, window, directory)
-    shutil.copy(BENCH_DIR / "bench_cortexm.c", directory / "bench_cortexm.c")
-    common = [ARM_GCC, *WARNINGS, *target_flags, *flags, "-ffunction-sections", "-fdata-sections",
-              f"-I{directory}"]
-    objects = []
-    for source in [*sources, directory / "bench_cortexm.c"]:
-        obj = source.with_suffix(".o")
-        _run([*common, "-c", str(source), "-o", str(obj)], f"compiling {source.name}", text=True)
-        objects.append(obj)
-    elf = directory / "bench.elf"
-    _run([*common, "-nostartfiles", "--specs=nano.specs", "--specs=nosys.specs", "-Wl,--gc-sections",
-          f"-T{BENCH_DIR / 'cortexm.ld'}", *map(str, objects), "-o", str(elf)], "linking", text=True)
-    return elf, _text_size(objects[:2], "arm-none-eabi-size")
+    link = ["-nostartfiles", "--specs=nano.specs", "--specs=nosys.specs", "-Wl,--gc-sections",
+            f"-T{BENCH_DIR / 'cortexm.ld'}"]
+    return _build_bench(model, variant, window, directory, "bench_cortexm.c",
+                        [ARM_GCC, *WARNINGS, *target_flags, *flags], link, "arm-none-eabi-size")
 
 
 def symbol_address(elf: Path, symbol: str, nm: str = "arm-none-eabi-nm") -> int:
@@ -203,33 +214,16 @@ def run_qemu(elf: Path, machine: str, cache: Path, timeout: float = 300) -> tupl
 
 def simavr_path(cache: Path) -> Path:
     """The simavr benchmark harness, compiled into ``cache`` when missing or older than its source."""
-    source = EMULATOR_SOURCES / "simavr_bench.c"
-    binary = cache / "simavr_bench"
-    if not binary.is_file() or binary.stat().st_mtime < source.stat().st_mtime:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = binary.with_name(f".{binary.name}.{os.getpid()}")
-        _run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(source), "-I/usr/include/simavr",
-              "-lsimavr"], "simavr harness build")
-        tmp.replace(binary)
-    return binary
+    return _cached_tool("simavr_bench.c", cache / "simavr_bench", ["-I/usr/include/simavr", "-lsimavr"],
+                        "simavr harness build")
 
 
 def build_avr(model: QuantizedModel, variant: str, window: np.ndarray, directory: Path,
               target_flags: tuple[str, ...] = ("-mmcu=atmega328p",), flags: tuple[str, ...] = AVR_FLAGS
               ) -> tuple[Path, int]:
     """The simavr benchmark firmware for ``model``; returns the ELF and the .text of model and kernel code."""
-    sources = _write_sources(model, variant, window, directory)
-    shutil.copy(BENCH_DIR / "bench_avr.c", directory / "bench_avr.c")
-    common = [AVR_GCC, *WARNINGS, *target_flags, *flags, "-ffunction-sections", "-fdata-sections",
-              f"-I{directory}"]
-    objects = []
-    for source in [*sources, directory / "bench_avr.c"]:
-        obj = source.with_suffix(".o")
-        _run([*common, "-c", str(source), "-o", str(obj)], f"compiling {source.name}", text=True)
-        objects.append(obj)
-    elf = directory / "bench.elf"
-    _run([*common, "-Wl,--gc-sections", *map(str, objects), "-o", str(elf)], "linking", text=True)
-    return elf, _text_size(objects[:2], "avr-size")
+    return _build_bench(model, variant, window, directory, "bench_avr.c",
+                        [AVR_GCC, *WARNINGS, *target_flags, *flags], ["-Wl,--gc-sections"], "avr-size")
 
 
 def run_simavr(elf: Path, mcu: str, clock_hz: int, cache: Path, timeout: float = 300) -> tuple[list[int], bytes]:
