@@ -113,7 +113,9 @@ def test_example_sketch_compiles_for_the_uno_and_classifies_in_simavr(tmp_path, 
     assert len(picks) >= 3
     windows, expected = dataset.test.x[picks], predicted[picks]
     with firmware.start_emulator("uno_sim", elf) as emulator:
-        port = serial.serial_for_url(emulator.url, baudrate=115200, timeout=30)
+        port = serial.serial_for_url(emulator.url, baudrate=115200, timeout=5)
+        port.read_until(b">")  # the start-up banner, unless it went out before the port was open
+        port.timeout = 30
         for window, label in zip(windows, expected, strict=True):
             replies = b""
             for sample in window:  # the sketch answers '>' when it is ready for the next sample
