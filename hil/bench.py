@@ -47,18 +47,13 @@ def main(port, board_name, model_paths, flash_first, baud, windows, source, seed
                                      seed=seed, timeout=timeout, baud=baud,
                                      model_paths=[str(p) for p in model_paths], on_progress=bar.update)
         text = bench.markdown(report)
-        if json_out:
-            bench.write_json(report, json_out)
-        if markdown_out:
-            bench.write_text(text, markdown_out)
-        if plot_out:
-            bench.plot(report, plot_out)
+        bench.save_outputs(report, text, json_out=json_out, markdown_out=markdown_out, plot_out=plot_out)
     except (bench.BenchError, firmware.FirmwareError, hil.HILError, qmodel.ModelFormatError, BoardError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(text, nl=False)
-    details = [d for d in map(bench.mismatch_detail, report["models"]) if d]
-    if details:
-        raise click.ClickException("\n".join(details))
+    mismatched = bench.mismatches(report)
+    if mismatched:
+        raise click.ClickException(mismatched)
 
 
 if __name__ == "__main__":

@@ -80,18 +80,13 @@ def main(board_name, hidden, input_size, window, outputs, layers, port, baud, wi
             report = bench.run_bench(models, board, port=port, flash=port is not None, windows=windows,
                                      source="seed", seed=seed, timeout=timeout, baud=baud, on_progress=bar.update)
         text = table(report)
-        if out:
-            bench.write_text(text, out)
-        if json_out:
-            bench.write_json(report, json_out)
-        if plot_out:
-            bench.plot(report, plot_out)
+        bench.save_outputs(report, text, json_out=json_out, markdown_out=out, plot_out=plot_out)
     except (bench.BenchError, firmware.FirmwareError, hil.HILError, BoardError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(text, nl=False)
-    details = [d for d in map(bench.mismatch_detail, report["models"]) if d]
-    if details:
-        raise click.ClickException("\n".join(details))
+    mismatched = bench.mismatches(report)
+    if mismatched:
+        raise click.ClickException(mismatched)
 
 
 if __name__ == "__main__":

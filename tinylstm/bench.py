@@ -414,3 +414,19 @@ def synthetic_model(input_size: int, hidden_sizes: Sequence[int], window: int, o
     name = f"h{'x'.join(map(str, hidden_sizes))}"
     return convert(model, calibrate(model, x, config), InputSpec(features=input_size, window=window, scale=1.0,
                                                                  zero_point=0), name=name)
+
+
+def save_outputs(report: dict[str, Any], text: str, *, json_out: str | Path | None = None,
+                 markdown_out: str | Path | None = None, plot_out: str | Path | None = None) -> None:
+    """Write whichever of the JSON report, the text summary and the plot were asked for."""
+    if json_out:
+        write_json(report, json_out)
+    if markdown_out:
+        write_text(text, markdown_out)
+    if plot_out:
+        plot(report, plot_out)
+
+
+def mismatches(report: dict[str, Any]) -> str:
+    """Every model's first mismatch in detail, one block per model; empty when all outputs were bit-exact."""
+    return "\n".join(d for d in map(mismatch_detail, report["models"]) if d)

@@ -545,20 +545,15 @@ def bench(suite: bool, model_paths: tuple[Path, ...], board_name: str | None, po
                                          model_paths=[str(p) for p in model_paths], on_progress=bar.update,
                                          variant=variant)
         text = hil_bench.markdown(report)
-        if json_out:
-            hil_bench.write_json(report, json_out)
-        if markdown_out:
-            hil_bench.write_text(text, markdown_out)
-        if plot_out:
-            hil_bench.plot(report, plot_out)
+        hil_bench.save_outputs(report, text, json_out=json_out, markdown_out=markdown_out, plot_out=plot_out)
     except (hil_bench.BenchError, firmware.FirmwareError, hil.HILError, qmodel.ModelFormatError, BoardError) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"cannot write: {e}") from None
     click.echo(text, nl=False)
-    details = [d for d in map(hil_bench.mismatch_detail, report["models"]) if d]
-    if details:
-        raise click.ClickException("\n".join(details))
+    mismatched = hil_bench.mismatches(report)
+    if mismatched:
+        raise click.ClickException(mismatched)
 
 
 def _bench_suite(json_out: Path, markdown_out: Path) -> None:
