@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from tinylstm import __version__
+from tinylstm.report import headline
 
 MANIFEST = "pipeline.json"
 CONFIG_COPY = "config.toml"
@@ -337,14 +338,6 @@ def _subset(split: Any, n: int) -> Any:
     return Split(split.x[:n], split.y[:n], head(split.row), head(split.naive), head(split.truth))
 
 
-def _headline(task: str, metrics: dict[str, Any]) -> str:
-    if task == "classification":
-        return f"{metrics['accuracy']:.1%}"
-    if task == "forecasting":
-        return f"RMSE {metrics['rmse']:.4g}"
-    return f"F1 {metrics.get('f1', 0.0):.2f}"
-
-
 # ------------------------------------------------------------------------------------------------- stages
 
 
@@ -457,8 +450,9 @@ def stage_train(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
                "epochs_run": len(result.history), "stopped_early": result.stopped_early,
                "history": [asdict(h) for h in result.history], "fp32_test": checkpoint.extra["fp32_test"]}
     write_json(out / "training.json", summary)
+    fp32 = headline(ds.task, checkpoint.extra["fp32_test"], with_name=True)
     return summary, (f"hidden {summary['hidden']}, {params:,} parameters, best epoch {result.best_epoch}/"
-                     f"{len(result.history)}; FP32 test {_headline(ds.task, checkpoint.extra['fp32_test'])}")
+                     f"{len(result.history)}; FP32 test {fp32}")
 
 
 def stage_quantize(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
@@ -556,7 +550,7 @@ def stage_bench(ctx: Context, out: Path) -> tuple[dict[str, Any], str] | None:
     exact = "bit-exact" if not entry["mismatches"] else f"{entry['mismatches']} MISMATCHES"
     task = ctx.dataset().task
     return summary, (f"{entry['windows']} windows {exact} against the host; median {per_window['median']:,.0f} "
-                     f"{info.unit} per window; device {_headline(task, summary['device'])}")
+                     f"{info.unit} per window; device {headline(task, summary['device'], with_name=True)}")
 
 
 def stage_report(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
@@ -732,12 +726,14 @@ def summary_text(result: RunResult) -> str:
     evaluation, bench, build = s.get("quantize"), s.get("bench") or None, s.get("firmware")
     if evaluation:
         c = evaluation["comparison"]
-        task = c["task"]
-        lines.append(f"  {'quality':<10} FP32 {_headline(task, c['fp32'])}   INT8 host {_headline(task, c['int8'])}"
+        def show(metrics: dict[str, Any]) -> str:
+            return headline(c["task"], metrics, with_name=True)
+
+        lines.append(f"  {'quality':<10} FP32 {show(c['fp32'])}   INT8 host {show(c['int8'])}"
                      f"   (all {s['data']['windows']['test']} test windows)")
         if bench:
-            lines.append(f"  {'':<10} INT8 on {bench['board']} {_headline(task, bench['device'])}   INT8 host "
-                         f"{_headline(task, bench['host_int8'])}   (first {bench['windows']} test windows; "
+            lines.append(f"  {'':<10} INT8 on {bench['board']} {show(bench['device'])}   INT8 host "
+                         f"{show(bench['host_int8'])}   (first {bench['windows']} test windows; "
                          f"{bench['windows'] - bench['mismatches']}/{bench['windows']} bit-exact)")
     if bench:
         stats, unit = bench["stats"], bench["unit"]

@@ -300,12 +300,15 @@ def metric_rows(task: str, fp32: dict[str, Any], int8: dict[str, Any], device: d
              "host_same": show(host_same, key, kind), "device": show(device, key, kind)} for key, kind in names]
 
 
-def _headline(task: str, metrics: dict[str, Any]) -> str:
+def headline(task: str, metrics: dict[str, Any], *, with_name: bool = False) -> str:
+    """The task's main metric as text: accuracy, RMSE or F1 (the latter two prefixed by their name on request)."""
     if task == "classification":
         return f"{metrics['accuracy']:.1%}"
     if task == "forecasting":
-        return f"{metrics['rmse']:.4g}"
-    return f"{metrics.get('f1', 0.0):.2f}"
+        name, value = "RMSE", f"{metrics['rmse']:.4g}"
+    else:
+        name, value = "F1", f"{metrics.get('f1', 0.0):.2f}"
+    return f"{name} {value}" if with_name else value
 
 
 def summary_cards(task: str, evaluation: dict[str, Any] | None, bench: dict[str, Any] | None,
@@ -315,9 +318,9 @@ def summary_cards(task: str, evaluation: dict[str, Any] | None, bench: dict[str,
     metric = {"classification": "accuracy", "forecasting": "RMSE", "anomaly": "F1 of flagged points"}[task]
     if evaluation:
         c = evaluation["comparison"]
-        values = [("FP32", _headline(task, c["fp32"])), ("INT8 host", _headline(task, c["int8"]))]
+        values = [("FP32", headline(task, c["fp32"])), ("INT8 host", headline(task, c["int8"]))]
         if bench:
-            values.append(("INT8 device", _headline(task, bench["device"])))
+            values.append(("INT8 device", headline(task, bench["device"])))
         detail = "test split" + (f"; device on {bench['windows']} test windows" if bench else "")
         cards.append({"title": metric, "values": values, "detail": detail, "ok": None})
     if bench:
