@@ -335,7 +335,8 @@ def render_c(model: QuantizedModel, prefix: str = "tinylstm_model", variant: str
     layer_steps = []
     if variant != "reference":
         arrays.update(_variant_arrays(model, variant))
-        layer_steps = [_layer_step_c(prefix, n, layer, variant) for n, layer in enumerate(model.layers)]
+        step_c = _layer_step_arm_dsp if variant == "arm_dsp" else _layer_step_avr
+        layer_steps = [step_c(prefix, n, layer) for n, layer in enumerate(model.layers)]
     definitions = []
     for obj in _objects(shape, variant):
         d = {"ctype": obj.ctype, "symbol": f"{prefix}_{obj.name}", "count": obj.count, "flash": obj.region == "flash"}
@@ -480,38 +481,97 @@ def _requantize_expr(value: str, multiplier: int, shift: int, fast: bool) -> str
 _PRODUCT_BOUND = 32767 * 32768
 
 
-def _layer_step_c(prefix: str, n: int, layer: LSTMLayer, variant: str) -> str:
-    """The step function of one layer for an optimized variant, specialised to the layer's constants."""
+def _layer_step_arm_dsp(prefix: str, n: int, layer: LSTMLayer) -> str:
+    """The arm_dsp step function of one layer, specialised to the layer's constants."""
     kernel = LayerKernel(layer)
     p = f"{prefix}_l{n}"
     inputs, H = layer.input_size, layer.hidden_size
     lines = [f"static void {p}_step(const int8_t *x, int8_t *h, int16_t *cell)", "{"]
-    if variant == "arm_dsp":
-        gx = _groups(inputs)
-        lines += [
-            f"    uint32_t *const xs = {prefix}_scratch;",
-            f"    uint32_t *const hs = {prefix}_scratch + {2 * gx}u;",
-            f"    const uint32_t cx = tl_dsp_expand(x, {inputs}u, xs);",
-            f"    const uint32_t ch = tl_dsp_expand(h, {H}u, hs);",
-            f"    const uint32_t *w = {p}_weights;",
-        ]
-    else:
-        lines += [
-            f"    uint8_t *const xs = {prefix}_scratch;",
-            f"    uint8_t *const hs = {prefix}_scratch + {inputs}u;",
-            f"    const uint32_t cx = tl_avr_expand(x, {inputs}u, xs);",
-            f"    const uint32_t ch = tl_avr_expand(h, {H}u, hs);",
-            f"    const uint8_t *w = {p}_weights;",
-        ]
+    gx = _groups(inputs)
+    lines += [
+        f"    uint32_t *const xs = {prefix}_scratch;",
+        f"    uint32_t *const hs = {prefix}_scratch + {2 * gx}u;",
+        f"    const uint32_t cx = tl_dsp_expand(x, {inputs}u, xs);",
+        f"    const uint32_t ch = tl_dsp_expand(h, {H}u, hs);",
+        f"    const uint32_t *w = {p}_weights;",
+    ]
     lines += [f"    const int32_t *b = {p}_bias;"]
     if layer.per_channel:
         lines += [f"    const int32_t *m = {p}_multiplier;", f"    const int8_t *s = {p}_shift;"]
     lines += [f"    for (uint16_t j = 0; j < {H}u; ++j) {{", "        uint32_t acc[8];"]
     for vec, corr, size, b0 in (("xs", "cx", inputs, 0), ("hs", "ch", H, 4)):
-        if variant == "arm_dsp":
-            lines.append(f"        tl_dsp_half(&w, {vec}, {_groups(size)}u, {corr}, b + {b0}, acc + {b0});")
+        lines.append(f"        tl_dsp_half(&w, {vec}, {_groups(size)}u, {corr}, b + {b0}, acc + {b0});")
+    # Gate pre-activations: each half requantized (fast where the accumulator bound allows), then summed.
+    per_channel = layer.per_channel
+    rows = {"x": (kernel.input_bias, layer.input_weights), "h": (kernel.hidden_bias, layer.hidden_weights)}
+    for g, name in enumerate(_GATE_NAMES):
+        halves = []
+        for half, (key, mults, shifts) in enumerate((("x", layer.input_multiplier, layer.input_shift),
+                                                     ("h", layer.hidden_multiplier, layer.hidden_shift))):
+            value = f"tl_i32(acc[{4 * half + g}])"
+            if per_channel:
+                halves.append((f"tinylstm_requantize({value}, {_flash_i32('m', 4 * half + g)}, "
+                               f"{_flash_i8('s', 4 * half + g)})", False))
+                continue
+            bias, weights = rows[key]
+            bias = wrap_int32(bias[g])
+            bound = int(np.max(np.abs(bias) + 128 * np.abs(weights[g].astype(np.int64)).sum(axis=1)))
+            m, sh = int(mults[g]), int(shifts[g])
+            fast = _fits_fast(bound, sh)
+            halves.append((_requantize_expr(value, m, sh, fast), fast))
+        (from_x, _), (from_h, fast_h) = halves
+        lines.append(f"        const int32_t x_{name} = tl_ssat16({from_x});")
+        if fast_h:
+            combined = f"tl_ssat16({from_h} + x_{name})"
         else:
-            lines.append(f"        tl_avr_half(&w, {vec}, {size}u, {corr}, b + {b0}, acc + {b0});")
+            combined = f"tl_add_clamp({from_h}, x_{name}, INT16_MIN, INT16_MAX)"
+        activation = f"tl_tanh({combined}, 0)" if name == "g" else f"tl_sigmoid({combined})"
+        lines.append(f"        const int32_t {name} = {activation};")
+    clip = layer.cell_clip if layer.cell_clip > 0 else INT16_MAX
+    ftc, fts = layer.forget_to_cell_multiplier, layer.forget_to_cell_shift
+    itc, its = layer.input_to_cell_multiplier, layer.input_to_cell_shift
+    om, osh = layer.output_multiplier, layer.output_shift
+    fast_f, fast_i, fast_o = (_fits_fast(_PRODUCT_BOUND, s) for s in (fts, its, osh))
+    lines.append(f"        const int32_t kept = tl_ssat16({_requantize_expr('f * cell[j]', ftc, fts, fast_f)});")
+    added = _requantize_expr("i * g", itc, its, fast_i)
+    if fast_i:
+        lines.append(f"        const int32_t c = tl_clamp({added} + kept, {-clip}, {clip});")
+    else:
+        lines.append(f"        const int32_t c = tl_add_clamp({added}, kept, {-clip}, {clip});")
+    lines.append("        cell[j] = (int16_t)c;")
+    out = _requantize_expr(f"o * tl_tanh(c, {layer.cell_scale_power + 12})", om, osh, fast_o)
+    zp = layer.output_zero_point
+    if fast_o:
+        lines.append(f"        h[j] = (int8_t)tl_ssat8({out} + {zp});")
+    else:
+        lines.append(f"        h[j] = (int8_t)tl_add_clamp({out}, {zp}, INT8_MIN, INT8_MAX);")
+    lines.append("        b += 8;")
+    if per_channel:
+        lines += ["        m += 8;", "        s += 8;"]
+    lines += ["    }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+
+def _layer_step_avr(prefix: str, n: int, layer: LSTMLayer) -> str:
+    """The avr step function of one layer, specialised to the layer's constants."""
+    kernel = LayerKernel(layer)
+    p = f"{prefix}_l{n}"
+    inputs, H = layer.input_size, layer.hidden_size
+    lines = [f"static void {p}_step(const int8_t *x, int8_t *h, int16_t *cell)", "{"]
+    lines += [
+        f"    uint8_t *const xs = {prefix}_scratch;",
+        f"    uint8_t *const hs = {prefix}_scratch + {inputs}u;",
+        f"    const uint32_t cx = tl_avr_expand(x, {inputs}u, xs);",
+        f"    const uint32_t ch = tl_avr_expand(h, {H}u, hs);",
+        f"    const uint8_t *w = {p}_weights;",
+    ]
+    lines += [f"    const int32_t *b = {p}_bias;"]
+    if layer.per_channel:
+        lines += [f"    const int32_t *m = {p}_multiplier;", f"    const int8_t *s = {p}_shift;"]
+    lines += [f"    for (uint16_t j = 0; j < {H}u; ++j) {{", "        uint32_t acc[8];"]
+    for vec, corr, size, b0 in (("xs", "cx", inputs, 0), ("hs", "ch", H, 4)):
+        lines.append(f"        tl_avr_half(&w, {vec}, {size}u, {corr}, b + {b0}, acc + {b0});")
     # Gate pre-activations: each half requantized (fast where the accumulator bound allows), then summed.
     per_channel = layer.per_channel
     rows = {"x": (kernel.input_bias, layer.input_weights), "h": (kernel.hidden_bias, layer.hidden_weights)}
