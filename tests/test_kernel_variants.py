@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -36,7 +37,15 @@ from tests.test_export_c import test_vectors_bit_exact_on_host as _check_vectors
 from tinylstm import perf
 from tinylstm.boards import load_board
 from tinylstm.budget import PlanError, plan
-from tinylstm.export import ExportError, ModelShape, default_variant, memory_layout, render_c
+from tinylstm.export import (
+    ExportError,
+    ModelShape,
+    _dsp_activation_table,
+    _dsp_constants,
+    default_variant,
+    memory_layout,
+    render_c,
+)
 from tinylstm.reference import sigmoid_q15, tanh_q15
 
 OPTIMIZED = ("arm_dsp", "avr")
@@ -64,17 +73,23 @@ def test_variant_random_models_match_reference_on_host(variant_program, random_c
 _ACTIVATION_DRIVER = r"""
 #include <stdio.h>
 #include "tinylstm_kernel_arm_dsp.h"
+#include "activation_table.h"
 
-/* sigmoid of every int16, then tanh of every int16 for each left shift in [-31, 11] (binary int16). */
-int main(void)
+/*
+ * tl_dsp_sigmoid of every int16, then tl_dsp_tanh of every int16 for each left shift in [-31, 11], with its input
+ * scaled as tl_dsp_layer scales the cell ((c * multiplier + round) >> shift, from argv per shift) (binary int16).
+ */
+int main(int argc, char **argv)
 {
     for (int32_t x = INT16_MIN; x <= INT16_MAX; ++x) {
-        const int16_t y = (int16_t)tl_sigmoid(x);
+        const int16_t y = (int16_t)tl_dsp_sigmoid(x, activation_table);
         fwrite(&y, sizeof y, 1, stdout);
     }
-    for (int shift = -31; shift <= 11; ++shift) {
+    for (int arg = 1; arg + 2 < argc; arg += 3) {
+        const int32_t multiplier = atoi(argv[arg]), round = atoi(argv[arg + 1]);
+        const unsigned shift = (unsigned)atoi(argv[arg + 2]);
         for (int32_t x = INT16_MIN; x <= INT16_MAX; ++x) {
-            const int16_t y = (int16_t)tl_tanh(x, shift);
+            const int16_t y = (int16_t)tl_dsp_tanh(tl_asr(x * multiplier + round, shift), activation_table);
             fwrite(&y, sizeof y, 1, stdout);
         }
     }
@@ -84,16 +99,29 @@ int main(void)
 
 
 def test_variant_activations_exhaustive(tmp_path: Path) -> None:
-    """The variants' sigmoid and tanh (symmetric formulation) on every int16 input and every tanh shift."""
+    """arm_dsp's sigmoid and tanh (its per-model interpolation table) on every int16 input and every tanh shift,
+    the tanh input scaled by the words the generator writes for the cell (TL_K_TANH_*)."""
     _write_sources({}, tmp_path, "arm_dsp")
+    table = ",".join(str(int(v)) for v in _dsp_activation_table())
+    (tmp_path / "activation_table.h").write_text(
+        f"#include <stdlib.h>\nstatic const int32_t activation_table[] = {{{table}}};\n")
     (tmp_path / "activations.c").write_text(_ACTIVATION_DRIVER)
     _compile_all([["gcc", *HOST_FLAGS, "activations.c", "tinylstm_kernel.c", "-o", "activations"]], tmp_path)
-    out = subprocess.run([str(tmp_path / "activations")], capture_output=True, check=True).stdout
+    shifts = range(-31, 12)
+    args = [str(w) for left in shifts for w in _dsp_tanh_scaling(left)]
+    out = subprocess.run([str(tmp_path / "activations"), *args], capture_output=True, check=True).stdout
     got = np.frombuffer(out, dtype=np.int16).astype(np.int64)
     x = np.arange(-32768, 32768)
     assert np.array_equal(got[: x.size], sigmoid_q15(x)), "sigmoid"
-    for k, shift in enumerate(range(-31, 12)):
+    for k, shift in enumerate(shifts):
         assert np.array_equal(got[(k + 1) * x.size:(k + 2) * x.size], tanh_q15(x, shift)), f"tanh shift {shift}"
+
+
+def _dsp_tanh_scaling(left_shift: int) -> list[int]:
+    """The TL_K_TANH_MULTIPLIER, _ROUND and _SHIFT words of a layer whose cell tanh has this left shift."""
+    layer = random_model(1, input_size=1, hidden_sizes=(1,), outputs=None, window=1).layers[0]
+    layer = dataclasses.replace(layer, cell_scale_power=left_shift - 12)
+    return [int(w) for w in _dsp_constants(layer)[5:8]]
 
 
 # ---- layout against the compilers ----------------------------------------------------------------------------
@@ -126,12 +154,12 @@ def test_variant_selection() -> None:
 
 
 def test_planner_figures_per_variant() -> None:
-    """The planner counts each variant's own objects: the DSP layout pads rows to four inputs and keeps an int16
-    copy of the inputs; the AVR layout keeps a byte copy."""
+    """The planner counts each variant's own objects: the DSP layout pads rows to four inputs, stores each half's
+    four biases with its words and keeps an int16 copy of the inputs; the AVR layout keeps a byte copy."""
     shape = ModelShape(input_size=3, hidden_sizes=(16,), window=10, outputs=None)
     board = load_board("mps2_an386")
     dsp = {i.name: i.nbytes for i in plan(board, shape, variant="arm_dsp").items}
-    assert dsp["l0_weights"] == 16 * (4 + 16) * 4 and dsp["scratch"] == (4 + 16) * 2
+    assert dsp["l0_weights"] == 16 * (4 + 16 + 2 * 4) * 4 and dsp["scratch"] == (4 + 16) * 2
     avr = {i.name: i.nbytes for i in plan(load_board("uno_sim"), shape, variant="avr").items}
     assert avr["l0_weights"] == 4 * 16 * (3 + 16) and avr["scratch"] == 3 + 16 and avr["l0_bias"] == 8 * 16 * 4
 

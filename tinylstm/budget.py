@@ -33,8 +33,9 @@ _CATEGORIES = (
     (re.compile(r"_weights$"), "weights"),
     (re.compile(r"_bias$"), "kernel sums"),
     (re.compile(r"_(multiplier|shift)$"), "multipliers/shifts"),
+    (re.compile(r"_constants$"), "multipliers/shifts"),  # arm_dsp: sizes and requantization words of a layer
     (re.compile(r"_params$"), "parameter structs"),
-    (re.compile(r"sigmoid_table$"), "activation table"),
+    (re.compile(r"(sigmoid|activation)_table$"), "activation table"),
     (re.compile(r"_hidden$"), "h"),
     (re.compile(r"_cell$"), "c"),
     (re.compile(r"^scratch$"), "scratch"),
@@ -240,7 +241,7 @@ def plan(board: Board, shape: ModelShape, *, buffer_window: bool = False, margin
                         f"(recorded: reference{''.join(', ' + v for v in board.code.variants)})")
     layout_arch = _LAYOUT_ARCH[board.arch]
     model_buffers = memory_layout(shape, layout_arch, variant)
-    kernel_buffers = kernel_layout(layout_arch)
+    kernel_buffers = kernel_layout(layout_arch, variant)
     items = [Item(b.name, _category(b.name), b.region, b.nbytes, "model") for b in model_buffers]
     items += [Item(b.name, _category(b.name), b.region, b.nbytes, "kernel") for b in kernel_buffers]
 

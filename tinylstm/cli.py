@@ -404,7 +404,7 @@ def plan(board_name: str, input_size: int, hidden: int | None, layers: int, wind
 _VARIANT_OPTION = click.option(
     "--variant", type=click.Choice(["reference", "arm_dsp", "avr"]), default=None,
     help="Kernel variant to build (default: the board's fastest whose size the planner confirms; "
-         "currently reference).")
+         "currently arm_dsp on Arm boards with the DSP extension, else reference).")
 
 
 def _firmware_project(model_path: Path, board_name: str, out_dir: Path | None, variant: str | None) -> Any:

@@ -19,7 +19,7 @@ import jinja2
 import numpy as np
 
 from tinylstm.qmodel import LSTMLayer, QuantizedModel
-from tinylstm.reference import INT16_MAX, LayerKernel, wrap_int32
+from tinylstm.reference import INT16_MAX, SIGMOID_TABLE, LayerKernel, wrap_int32
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "firmware_templates"
 KERNEL_FILES = ("tinylstm_kernel.h", "tinylstm_kernel.c")
@@ -29,7 +29,7 @@ VARIANTS = ("reference", "arm_dsp", "avr")
 VARIANT_FILES = {
     "reference": KERNEL_FILES,
     "arm_dsp": (*KERNEL_FILES, "tinylstm_kernel_arm_dsp.h"),
-    "avr": (*KERNEL_FILES, "tinylstm_kernel_arm_dsp.h", "tinylstm_kernel_avr.h"),
+    "avr": (*KERNEL_FILES, "tinylstm_kernel_avr.h"),
 }
 
 # (size, alignment) of each C type the generated objects use, per target: AVR (avr-gcc: 16-bit pointers, no
@@ -53,6 +53,14 @@ _STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("cell_clip", "int16_t"), ("forget_to_cell_shift", "int8_t"), ("input_to_cell_shift", "int8_t"),
         ("output_shift", "int8_t"), ("cell_tanh_shift", "int8_t"), ("output_zero_point", "int8_t"),
         ("per_channel", "uint8_t"),
+    ),
+    "tinylstm_avr_layer_params": (
+        ("weights", "ptr"), ("bias", "ptr"), ("multiplier", "ptr"), ("shift", "ptr"),
+        ("forget_to_cell_multiplier", "int32_t"), ("input_to_cell_multiplier", "int32_t"),
+        ("output_multiplier", "int32_t"), ("input_size", "uint16_t"), ("hidden_size", "uint16_t"),
+        ("cell_clip", "int16_t"), ("forget_to_cell_shift", "int8_t"), ("input_to_cell_shift", "int8_t"),
+        ("output_shift", "int8_t"), ("cell_tanh_shift", "int8_t"), ("output_zero_point", "int8_t"),
+        ("gate_step", "uint8_t"),
     ),
     "tinylstm_dense_params": (
         ("weights", "ptr"), ("bias", "ptr"), ("multiplier", "ptr"), ("shift", "ptr"),
@@ -140,6 +148,16 @@ def _groups(n: int) -> int:
     return -(-n // 4)
 
 
+# Groups of four inputs per pass of the Arm DSP kernel (TL_DSP_PASS_GROUPS): each pass of a unit's half is stored
+# as two biases, four words per group, two biases.
+_DSP_PASS_GROUPS = 126
+
+
+def _dsp_half_words(n: int) -> int:
+    """32-bit words of one unit's half of n inputs in the Arm DSP layout: the words and each pass's four biases."""
+    return 4 * _groups(n) + 4 * -(-_groups(n) // _DSP_PASS_GROUPS)
+
+
 def _objects(shape: ModelShape, variant: str = "reference") -> list[_Object]:
     """Every object the generated source defines for ``variant``, in emission order."""
     if variant == "reference":
@@ -148,18 +166,25 @@ def _objects(shape: ModelShape, variant: str = "reference") -> list[_Object]:
     previous = shape.input_size
     scratch = 0
     for n, hidden in enumerate(shape.hidden_sizes):
-        if variant == "arm_dsp":  # per unit: the packed words of both halves (tinylstm_kernel_arm_dsp.h)
-            objs.append(_Object(f"l{n}_weights", "uint32_t", hidden * 4 * (_groups(previous) + _groups(hidden)),
-                                "flash"))
+        if variant == "arm_dsp":  # per unit and half: four biases, then the packed words (tinylstm_kernel_arm_dsp.h)
+            objs.append(_Object(f"l{n}_weights", "uint32_t",
+                                hidden * (_dsp_half_words(previous) + _dsp_half_words(hidden)), "flash"))
             scratch = max(scratch, 2 * (_groups(previous) + _groups(hidden)))
         else:  # avr: per unit and input, the four gate weights offset by 128 (tinylstm_kernel_avr.h)
             objs.append(_Object(f"l{n}_weights", "uint8_t", hidden * 4 * (previous + hidden), "flash"))
             scratch = max(scratch, previous + hidden)
-        objs.append(_Object(f"l{n}_bias", "int32_t", 8 * hidden, "flash"))
-        if shape.layer_is_per_channel(n):
-            objs.append(_Object(f"l{n}_multiplier", "int32_t", 8 * hidden, "flash"))
-            objs.append(_Object(f"l{n}_shift", "int8_t", 8 * hidden, "flash"))
+            objs.append(_Object(f"l{n}_bias", "int32_t", 8 * hidden, "flash"))
+        if variant == "arm_dsp":  # sizes and requantization words (tl_dsp_layer)
+            units = hidden if shape.layer_is_per_channel(n) else 1
+            objs.append(_Object(f"l{n}_constants", "int32_t", _DSP_GATES + _DSP_UNIT_WORDS * units, "flash"))
+        else:  # avr: gate multipliers and shifts per unit (per channel) or once for all units
+            units = hidden if shape.layer_is_per_channel(n) else 1
+            objs.append(_Object(f"l{n}_multiplier", "int32_t", 8 * units, "flash"))
+            objs.append(_Object(f"l{n}_shift", "int8_t", 8 * units, "flash"))
+            objs.append(_Object(f"l{n}_layer", "tinylstm_avr_layer_params", 1, "flash"))
         previous = hidden
+    if variant == "arm_dsp":  # sigmoid and tanh as one multiply-accumulate per activation (tl_dsp_sigmoid)
+        objs.append(_Object("activation_table", "int32_t", 2 * len(SIGMOID_TABLE), "flash"))
     objs += [o for o in _reference_objects(shape) if o.name.startswith("head_") or o.name.startswith("state_")]
     objs.append(_Object("scratch", "uint32_t" if variant == "arm_dsp" else "uint8_t", scratch, "ram"))
     return objs
@@ -234,11 +259,13 @@ def memory_layout(shape: ModelShape, arch: str, variant: str = "reference") -> l
     return [Buffer(o.name, o.region, o.count * _sizeof(o.ctype, arch)) for o in _objects(shape, variant)]
 
 
-def kernel_layout(arch: str) -> list[Buffer]:
-    """The shared kernel's objects (full symbol names): stored once per firmware, whatever the number of models."""
+def kernel_layout(arch: str, variant: str = "reference") -> list[Buffer]:
+    """The shared kernel's objects (full symbol names) that ``variant`` links: stored once per firmware, whatever
+    the number of models. arm_dsp links none (its activation table is a model object)."""
     if arch not in _TYPES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
-    return [Buffer("tinylstm_sigmoid_table", "flash", 256 * 2)]
+    check_variant(variant)
+    return [] if variant == "arm_dsp" else [Buffer("tinylstm_sigmoid_table", "flash", 256 * 2)]
 
 
 def _values(model: QuantizedModel) -> tuple[dict[str, np.ndarray], dict[str, dict[str, int | str]]]:
@@ -335,6 +362,8 @@ def render_c(model: QuantizedModel, prefix: str = "tinylstm_model", variant: str
     layer_steps = []
     if variant != "reference":
         arrays.update(_variant_arrays(model, variant))
+        if variant == "avr":
+            structs.update(_avr_layer_structs(model))
         step_c = _layer_step_arm_dsp if variant == "arm_dsp" else _layer_step_avr
         layer_steps = [step_c(prefix, n, layer) for n, layer in enumerate(model.layers)]
     definitions = []
@@ -420,11 +449,10 @@ def export_c(
 
 # ---- optimized variants: packed constants and the per-layer step functions ---------------------------------
 
-_GATE_NAMES = ("i", "f", "g", "o")
-
-
-def _pack_dsp_half(w: np.ndarray) -> np.ndarray:
-    """Gate weights [4, H, n] as the Arm DSP words [H, 4 * groups] (see tinylstm_kernel_arm_dsp.h)."""
+def _pack_dsp_half(w: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Gate weights [4, H, n] and biases [4, H] as the Arm DSP words [H, _dsp_half_words(n)]: per pass of at most
+    126 groups, the biases of rows i and g, the packed words, the biases of rows f and o (zero after the first
+    pass; see tinylstm_kernel_arm_dsp.h)."""
     _, hidden, n = w.shape
     padded = np.zeros((4, hidden, 4 * _groups(n)), dtype=np.int64)
     padded[:, :, :n] = w
@@ -434,7 +462,13 @@ def _pack_dsp_half(w: np.ndarray) -> np.ndarray:
     def words(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a[:, 0::2] | (b[:, 0::2] << 8) | (a[:, 1::2] << 16) | (b[:, 1::2] << 24)
 
-    return np.stack([words(low[0], high[1]), words(low[2], high[3])], axis=2).reshape(hidden, -1)
+    packed = np.stack([words(low[0], high[1]), words(low[2], high[3])], axis=2).reshape(hidden, -1)
+    bias = np.asarray(bias, dtype=np.int64).reshape(4, hidden) & 0xFFFFFFFF
+    passes = []
+    for start in range(0, packed.shape[1], 4 * _DSP_PASS_GROUPS):
+        first = start == 0
+        passes += [bias[[0, 2]].T * first, packed[:, start:start + 4 * _DSP_PASS_GROUPS], bias[[1, 3]].T * first]
+    return np.concatenate(passes, axis=1)
 
 
 def _pack_avr_half(w: np.ndarray) -> np.ndarray:
@@ -450,182 +484,102 @@ def _unit_table(input_half: np.ndarray, hidden_half: np.ndarray) -> np.ndarray:
 
 def _variant_arrays(model: QuantizedModel, variant: str) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
+    if variant == "arm_dsp":
+        arrays["activation_table"] = _dsp_activation_table()
     for n, layer in enumerate(model.layers):
         kernel = LayerKernel(layer)
         wx, wh = layer.input_weights.astype(np.int64), layer.hidden_weights.astype(np.int64)
         if variant == "arm_dsp":
-            arrays[f"l{n}_weights"] = np.concatenate([_pack_dsp_half(wx), _pack_dsp_half(wh)], axis=1).ravel()
-            bias = _unit_table(kernel.input_bias, kernel.hidden_bias)
-        else:  # avr: the stored weights are w + 128, so each bias also takes off 128 * rowsum(w)
-            arrays[f"l{n}_weights"] = np.concatenate([_pack_avr_half(wx), _pack_avr_half(wh)], axis=1).ravel()
-            bias = _unit_table(kernel.input_bias - 128 * wx.sum(axis=2), kernel.hidden_bias - 128 * wh.sum(axis=2))
+            arrays[f"l{n}_weights"] = np.concatenate([_pack_dsp_half(wx, kernel.input_bias),
+                                                      _pack_dsp_half(wh, kernel.hidden_bias)], axis=1).ravel()
+            arrays[f"l{n}_constants"] = _dsp_constants(layer)
+            continue  # the biases are in the weights, the multipliers and shifts in the constants
+        # avr: the stored weights are w + 128, so each bias also takes off 128 * rowsum(w)
+        arrays[f"l{n}_weights"] = np.concatenate([_pack_avr_half(wx), _pack_avr_half(wh)], axis=1).ravel()
+        bias = _unit_table(kernel.input_bias - 128 * wx.sum(axis=2), kernel.hidden_bias - 128 * wh.sum(axis=2))
         arrays[f"l{n}_bias"] = wrap_int32(bias)
-        if layer.per_channel:
-            arrays[f"l{n}_multiplier"] = _unit_table(layer.input_multiplier, layer.hidden_multiplier)
-            arrays[f"l{n}_shift"] = _unit_table(layer.input_shift, layer.hidden_shift)
+        arrays[f"l{n}_multiplier"] = _unit_table(layer.input_multiplier, layer.hidden_multiplier)
+        arrays[f"l{n}_shift"] = _unit_table(layer.input_shift, layer.hidden_shift)
     return arrays
 
 
-def _fits_fast(bound: int, shift: int) -> bool:
-    """Whether tl_rq_fast is exact: |value| <= bound, so |value * 2^max(shift, 0)| < 2^30."""
-    return bound * (1 << max(shift, 0)) < 2**30
+def _avr_layer_structs(model: QuantizedModel) -> dict[str, dict[str, int | str]]:
+    """The tinylstm_avr_layer_params of each layer: its arrays, sizes and cell constants."""
+    structs: dict[str, dict[str, int | str]] = {}
+    for n, layer in enumerate(model.layers):
+        structs[f"l{n}_layer"] = {
+            "weights": f"l{n}_weights", "bias": f"l{n}_bias", "multiplier": f"l{n}_multiplier",
+            "shift": f"l{n}_shift",
+            "forget_to_cell_multiplier": layer.forget_to_cell_multiplier,
+            "input_to_cell_multiplier": layer.input_to_cell_multiplier,
+            "output_multiplier": layer.output_multiplier,
+            "input_size": layer.input_size,
+            "hidden_size": layer.hidden_size,
+            "cell_clip": layer.cell_clip if layer.cell_clip > 0 else INT16_MAX,
+            "forget_to_cell_shift": layer.forget_to_cell_shift,
+            "input_to_cell_shift": layer.input_to_cell_shift,
+            "output_shift": layer.output_shift,
+            "cell_tanh_shift": layer.cell_scale_power + 12,
+            "output_zero_point": layer.output_zero_point,
+            "gate_step": 8 if layer.per_channel else 0,
+        }
+    return structs
 
 
-def _requantize_expr(value: str, multiplier: int, shift: int, fast: bool) -> str:
-    if fast:
-        return f"tl_rq_fast({value}, {multiplier}, {max(shift, 0)}u, {max(-shift, 0)}u)"
-    return f"tinylstm_requantize({value}, {_c_int(multiplier)}, {shift})"
+# A layer's constant table for tl_dsp_layer (the TL_K_* offsets of tinylstm_kernel_arm_dsp.h): eight words of sizes
+# and scalars, three requantizations for the cell and h, then eight gate requantizations per unit (per channel) or
+# for all units; three words each.
+_DSP_GATES = 17
+_DSP_UNIT_WORDS = 24
 
 
-# |sigmoid| <= 32767, |tanh| <= 32767, |cell| <= 32768: every gate product is below this bound.
-_PRODUCT_BOUND = 32767 * 32768
+def _dsp_requantization(multiplier: int, shift: int) -> list[int]:
+    """tl_rq's words {left, m2, p} for tinylstm_requantize(v, multiplier, shift), before wrapping to int32."""
+    right = max(-shift, 0)
+    return [max(shift, 0), 2 * multiplier, 1 << (32 - right) if right else -1]
+
+
+def _dsp_constants(layer: LSTMLayer) -> np.ndarray:
+    """The layer's constant table (tinylstm_kernel_arm_dsp.h, TL_K_*) as int32 words."""
+    words = [layer.input_size, layer.hidden_size, _DSP_UNIT_WORDS if layer.per_channel else 0,
+             layer.cell_clip if layer.cell_clip > 0 else INT16_MAX, layer.output_zero_point]
+    # tanh(c)'s input: c * 3 * 2^left_shift, or (c * 3 + 2^(right - 1)) >> right for a negative left shift.
+    left_shift = layer.cell_scale_power + 12
+    right = max(-left_shift, 0)
+    words += [3 << max(left_shift, 0), (1 << right) >> 1, right]
+    for multiplier, shift in ((layer.forget_to_cell_multiplier, layer.forget_to_cell_shift),
+                              (layer.input_to_cell_multiplier, layer.input_to_cell_shift),
+                              (layer.output_multiplier, layer.output_shift)):
+        words += _dsp_requantization(multiplier, shift)
+    halves = [(np.asarray(m).reshape(4, -1), np.asarray(s).reshape(4, -1)) for m, s in
+              ((layer.input_multiplier, layer.input_shift), (layer.hidden_multiplier, layer.hidden_shift))]
+    for unit in range(halves[0][0].shape[1]):
+        for g in range(4):
+            for multipliers, shifts in halves:
+                words += _dsp_requantization(int(multipliers[g, unit]), int(shifts[g, unit]))
+    return wrap_int32(np.array(words, dtype=np.int64))
+
+
+def _dsp_activation_table() -> np.ndarray:
+    """tl_dsp_sigmoid's table: per index n of the shared table T, {T[n + 1] - T[n], 512 (T[n] - n (T[n + 1] - T[n]))
+    + 512}; the last entry is tanh's saturation (difference 0, tanh 32767)."""
+    table = SIGMOID_TABLE.astype(np.int64)
+    diff = np.append(table[1:] - table[:-1], 0)
+    offset = 512 * (table - np.arange(table.size) * diff) + 512
+    offset[-1] = 2 * (INT16_MAX * 256 + 0x800080)
+    return np.stack([diff, offset], axis=1).ravel()
 
 
 def _layer_step_arm_dsp(prefix: str, n: int, layer: LSTMLayer) -> str:
-    """The arm_dsp step function of one layer, specialised to the layer's constants."""
-    kernel = LayerKernel(layer)
+    """The arm_dsp step function of one layer: tl_dsp_layer on the layer's objects, the same code for any constants."""
     p = f"{prefix}_l{n}"
-    inputs, H = layer.input_size, layer.hidden_size
-    lines = [f"static void {p}_step(const int8_t *x, int8_t *h, int16_t *cell)", "{"]
-    gx = _groups(inputs)
-    lines += [
-        f"    uint32_t *const xs = {prefix}_scratch;",
-        f"    uint32_t *const hs = {prefix}_scratch + {2 * gx}u;",
-        f"    const uint32_t cx = tl_dsp_expand(x, {inputs}u, xs);",
-        f"    const uint32_t ch = tl_dsp_expand(h, {H}u, hs);",
-        f"    const uint32_t *w = {p}_weights;",
-    ]
-    lines += [f"    const int32_t *b = {p}_bias;"]
-    if layer.per_channel:
-        lines += [f"    const int32_t *m = {p}_multiplier;", f"    const int8_t *s = {p}_shift;"]
-    lines += [f"    for (uint16_t j = 0; j < {H}u; ++j) {{", "        uint32_t acc[8];"]
-    for vec, corr, size, b0 in (("xs", "cx", inputs, 0), ("hs", "ch", H, 4)):
-        lines.append(f"        tl_dsp_half(&w, {vec}, {_groups(size)}u, {corr}, b + {b0}, acc + {b0});")
-    # Gate pre-activations: each half requantized (fast where the accumulator bound allows), then summed.
-    per_channel = layer.per_channel
-    rows = {"x": (kernel.input_bias, layer.input_weights), "h": (kernel.hidden_bias, layer.hidden_weights)}
-    for g, name in enumerate(_GATE_NAMES):
-        halves = []
-        for half, (key, mults, shifts) in enumerate((("x", layer.input_multiplier, layer.input_shift),
-                                                     ("h", layer.hidden_multiplier, layer.hidden_shift))):
-            value = f"tl_i32(acc[{4 * half + g}])"
-            if per_channel:
-                halves.append((f"tinylstm_requantize({value}, {_flash_i32('m', 4 * half + g)}, "
-                               f"{_flash_i8('s', 4 * half + g)})", False))
-                continue
-            bias, weights = rows[key]
-            bias = wrap_int32(bias[g])
-            bound = int(np.max(np.abs(bias) + 128 * np.abs(weights[g].astype(np.int64)).sum(axis=1)))
-            m, sh = int(mults[g]), int(shifts[g])
-            fast = _fits_fast(bound, sh)
-            halves.append((_requantize_expr(value, m, sh, fast), fast))
-        (from_x, _), (from_h, fast_h) = halves
-        lines.append(f"        const int32_t x_{name} = tl_ssat16({from_x});")
-        if fast_h:
-            combined = f"tl_ssat16({from_h} + x_{name})"
-        else:
-            combined = f"tl_add_clamp({from_h}, x_{name}, INT16_MIN, INT16_MAX)"
-        activation = f"tl_tanh({combined}, 0)" if name == "g" else f"tl_sigmoid({combined})"
-        lines.append(f"        const int32_t {name} = {activation};")
-    clip = layer.cell_clip if layer.cell_clip > 0 else INT16_MAX
-    ftc, fts = layer.forget_to_cell_multiplier, layer.forget_to_cell_shift
-    itc, its = layer.input_to_cell_multiplier, layer.input_to_cell_shift
-    om, osh = layer.output_multiplier, layer.output_shift
-    fast_f, fast_i, fast_o = (_fits_fast(_PRODUCT_BOUND, s) for s in (fts, its, osh))
-    lines.append(f"        const int32_t kept = tl_ssat16({_requantize_expr('f * cell[j]', ftc, fts, fast_f)});")
-    added = _requantize_expr("i * g", itc, its, fast_i)
-    if fast_i:
-        lines.append(f"        const int32_t c = tl_clamp({added} + kept, {-clip}, {clip});")
-    else:
-        lines.append(f"        const int32_t c = tl_add_clamp({added}, kept, {-clip}, {clip});")
-    lines.append("        cell[j] = (int16_t)c;")
-    out = _requantize_expr(f"o * tl_tanh(c, {layer.cell_scale_power + 12})", om, osh, fast_o)
-    zp = layer.output_zero_point
-    if fast_o:
-        lines.append(f"        h[j] = (int8_t)tl_ssat8({out} + {zp});")
-    else:
-        lines.append(f"        h[j] = (int8_t)tl_add_clamp({out}, {zp}, INT8_MIN, INT8_MAX);")
-    lines.append("        b += 8;")
-    if per_channel:
-        lines += ["        m += 8;", "        s += 8;"]
-    lines += ["    }", "}"]
-    return "\n".join(lines) + "\n"
-
+    return (f"static void {p}_step(const int8_t *x, int8_t *h, int16_t *cell)\n{{\n"
+            f"    tl_dsp_layer({p}_constants, {p}_weights, x, h, cell, {prefix}_scratch, {prefix}_activation_table);\n"
+            "}\n")
 
 
 def _layer_step_avr(prefix: str, n: int, layer: LSTMLayer) -> str:
-    """The avr step function of one layer, specialised to the layer's constants."""
-    kernel = LayerKernel(layer)
+    """The avr step function of one layer: tl_avr_layer on the layer's flash struct, the same code for any layer."""
     p = f"{prefix}_l{n}"
-    inputs, H = layer.input_size, layer.hidden_size
-    lines = [f"static void {p}_step(const int8_t *x, int8_t *h, int16_t *cell)", "{"]
-    lines += [
-        f"    uint8_t *const xs = {prefix}_scratch;",
-        f"    uint8_t *const hs = {prefix}_scratch + {inputs}u;",
-        f"    const uint32_t cx = tl_avr_expand(x, {inputs}u, xs);",
-        f"    const uint32_t ch = tl_avr_expand(h, {H}u, hs);",
-        f"    const uint8_t *w = {p}_weights;",
-    ]
-    lines += [f"    const int32_t *b = {p}_bias;"]
-    if layer.per_channel:
-        lines += [f"    const int32_t *m = {p}_multiplier;", f"    const int8_t *s = {p}_shift;"]
-    lines += [f"    for (uint16_t j = 0; j < {H}u; ++j) {{", "        uint32_t acc[8];"]
-    for vec, corr, size, b0 in (("xs", "cx", inputs, 0), ("hs", "ch", H, 4)):
-        lines.append(f"        tl_avr_half(&w, {vec}, {size}u, {corr}, b + {b0}, acc + {b0});")
-    # Gate pre-activations: each half requantized (fast where the accumulator bound allows), then summed.
-    per_channel = layer.per_channel
-    rows = {"x": (kernel.input_bias, layer.input_weights), "h": (kernel.hidden_bias, layer.hidden_weights)}
-    for g, name in enumerate(_GATE_NAMES):
-        halves = []
-        for half, (key, mults, shifts) in enumerate((("x", layer.input_multiplier, layer.input_shift),
-                                                     ("h", layer.hidden_multiplier, layer.hidden_shift))):
-            value = f"tl_i32(acc[{4 * half + g}])"
-            if per_channel:
-                halves.append((f"tinylstm_requantize({value}, {_flash_i32('m', 4 * half + g)}, "
-                               f"{_flash_i8('s', 4 * half + g)})", False))
-                continue
-            bias, weights = rows[key]
-            bias = wrap_int32(bias[g])
-            bound = int(np.max(np.abs(bias) + 128 * np.abs(weights[g].astype(np.int64)).sum(axis=1)))
-            m, sh = int(mults[g]), int(shifts[g])
-            fast = _fits_fast(bound, sh)
-            halves.append((_requantize_expr(value, m, sh, fast), fast))
-        (from_x, _), (from_h, fast_h) = halves
-        lines.append(f"        const int32_t x_{name} = tl_ssat16({from_x});")
-        if fast_h:
-            combined = f"tl_ssat16({from_h} + x_{name})"
-        else:
-            combined = f"tl_add_clamp({from_h}, x_{name}, INT16_MIN, INT16_MAX)"
-        activation = f"tl_tanh({combined}, 0)" if name == "g" else f"tl_sigmoid({combined})"
-        lines.append(f"        const int32_t {name} = {activation};")
-    clip = layer.cell_clip if layer.cell_clip > 0 else INT16_MAX
-    ftc, fts = layer.forget_to_cell_multiplier, layer.forget_to_cell_shift
-    itc, its = layer.input_to_cell_multiplier, layer.input_to_cell_shift
-    om, osh = layer.output_multiplier, layer.output_shift
-    fast_f, fast_i, fast_o = (_fits_fast(_PRODUCT_BOUND, s) for s in (fts, its, osh))
-    lines.append(f"        const int32_t kept = tl_ssat16({_requantize_expr('f * cell[j]', ftc, fts, fast_f)});")
-    added = _requantize_expr("i * g", itc, its, fast_i)
-    if fast_i:
-        lines.append(f"        const int32_t c = tl_clamp({added} + kept, {-clip}, {clip});")
-    else:
-        lines.append(f"        const int32_t c = tl_add_clamp({added}, kept, {-clip}, {clip});")
-    lines.append("        cell[j] = (int16_t)c;")
-    out = _requantize_expr(f"o * tl_tanh(c, {layer.cell_scale_power + 12})", om, osh, fast_o)
-    zp = layer.output_zero_point
-    if fast_o:
-        lines.append(f"        h[j] = (int8_t)tl_ssat8({out} + {zp});")
-    else:
-        lines.append(f"        h[j] = (int8_t)tl_add_clamp({out}, {zp}, INT8_MIN, INT8_MAX);")
-    lines.append("        b += 8;")
-    if per_channel:
-        lines += ["        m += 8;", "        s += 8;"]
-    lines += ["    }", "}"]
-    return "\n".join(lines) + "\n"
-
-
-def _flash_i32(pointer: str, index: int) -> str:
-    return f"TL_READ_I32(&{pointer}[{index}])"
-
-
-def _flash_i8(pointer: str, index: int) -> str:
-    return f"TL_READ_I8(&{pointer}[{index}])"
+    return (f"static void {p}_step(const int8_t *x, int8_t *h, int16_t *cell)\n{{\n"
+            f"    tl_avr_layer(&{p}_layer, x, h, cell, {prefix}_scratch);\n}}\n")

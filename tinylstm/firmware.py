@@ -307,18 +307,11 @@ def default_prefixes(models: Sequence[QuantizedModel]) -> list[str]:
     return ["tinylstm_model"] if len(models) == 1 else [f"m{i:02d}" for i in range(len(models))]
 
 
-# Kernel variants whose recorded code figures the linker confirms in firmware builds (within 1% or 64 B,
-# tests/test_firmware_targets.py). The optimized variants' figures are off by up to a few hundred bytes in the
-# HIL firmware (arm_dsp under, avr over), so a firmware uses them only when asked for.
-PLANNED_VARIANTS = ("reference",)
-
-
 def board_variant(board: Board, variant: str | None = None) -> str:
     """The kernel variant to build for ``board``: ``variant`` if given (checked), else the board's fastest
-    (``export.default_variant``) when the planner's figures for it are confirmed, else the reference."""
+    (``export.default_variant``)."""
     if variant is None:
-        fastest = export.default_variant(board.arch, board.dsp)
-        return fastest if fastest in PLANNED_VARIANTS else "reference"
+        return export.default_variant(board.arch, board.dsp)
     try:
         export.check_variant(variant)
     except export.ExportError as e:
