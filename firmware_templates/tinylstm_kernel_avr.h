@@ -61,6 +61,9 @@ typedef struct {
     uint8_t gate_step;
 } tinylstm_avr_layer_params;
 
+/* Always inlined, so the small helpers compile the same at -Os as at -O2. */
+#define TL_AVR_INLINE inline __attribute__((always_inline))
+
 /* Out of line and never specialised to constant arguments: code size does not depend on the model's constants. */
 #if defined(__GNUC__) && !defined(__clang__)
 #define TL_AVR_OUT_OF_LINE __attribute__((noinline, noclone, unused))
@@ -69,7 +72,7 @@ typedef struct {
 #endif
 
 /* x'[k] = x[k] + 128 as unsigned bytes; returns -128 * sum(x') (two's complement), the per-step correction. */
-static inline uint32_t tl_avr_expand(const int8_t *x, uint16_t n, uint8_t *out)
+static TL_AVR_INLINE uint32_t tl_avr_expand(const int8_t *x, uint16_t n, uint8_t *out)
 {
     uint32_t sum = 0;
     for (uint16_t k = 0; k < n; ++k) {
@@ -155,7 +158,7 @@ static TL_AVR_OUT_OF_LINE void tl_avr_half(const uint8_t **w, const uint8_t *x, 
 /* ---- gate arithmetic ---------------------------------------------------------------------------------------- */
 
 /* The int32 with the bits of u (two's complement). */
-static inline int32_t tl_avr_i32(uint32_t u)
+static TL_AVR_INLINE int32_t tl_avr_i32(uint32_t u)
 {
     return u <= (uint32_t)INT32_MAX ? (int32_t)u : (int32_t)(u - UINT32_C(0x80000000)) + INT32_MIN;
 }
@@ -168,7 +171,7 @@ static inline int32_t tl_avr_i32(uint32_t u)
  * stay within the byte above it, so bytes 0..2 are dropped once their column is done), a negative a takes m off
  * the high half, and the result is bits 31..62.
  */
-static inline int32_t tl_avr_srdhm(int32_t a, int32_t m)
+static TL_AVR_INLINE int32_t tl_avr_srdhm(int32_t a, int32_t m)
 {
     uint32_t high;
     uint8_t b0, b1, b2, zero;
@@ -216,7 +219,7 @@ static inline int32_t tl_avr_srdhm(int32_t a, int32_t m)
 
 #else /* the same function in portable C (host tests of the generated code) */
 
-static inline int32_t tl_avr_srdhm(int32_t a, int32_t m)
+static TL_AVR_INLINE int32_t tl_avr_srdhm(int32_t a, int32_t m)
 {
     const int64_t p = (int64_t)a * m + (INT64_C(1) << 30);
     return (int32_t)(p < 0 ? ~(~p >> 31) : p >> 31);
@@ -225,7 +228,7 @@ static inline int32_t tl_avr_srdhm(int32_t a, int32_t m)
 #endif
 
 /* floor(v / 2^n) for n < 32, bytewise where it can: avr-gcc shifts 32-bit values one bit per loop turn. */
-static inline __attribute__((always_inline)) int32_t tl_avr_floor_shift(int32_t v, uint8_t n)
+static TL_AVR_INLINE int32_t tl_avr_floor_shift(int32_t v, uint8_t n)
 {
     const uint8_t negative = v < 0;
     uint32_t u = negative ? ~(uint32_t)v : (uint32_t)v;
@@ -281,7 +284,7 @@ static TL_AVR_OUT_OF_LINE int16_t tl_avr_add_clamp(int32_t wide, int16_t narrow,
     return v < lo ? lo : (v > hi ? hi : (int16_t)v);
 }
 
-static inline int16_t tl_avr_sat16(int32_t v)
+static TL_AVR_INLINE int16_t tl_avr_sat16(int32_t v)
 {
     return v < INT16_MIN ? INT16_MIN : (v > INT16_MAX ? INT16_MAX : (int16_t)v);
 }
@@ -351,7 +354,7 @@ static TL_AVR_OUT_OF_LINE int16_t tl_avr_tanh(int16_t x, int8_t left_shift)
 }
 
 /* The pre-activation of gate g: clamp16(requantized h half + clamp16(requantized input half)), as the reference. */
-static inline int16_t tl_avr_gate(const uint32_t *acc, const int32_t *m, const int8_t *s, uint8_t g)
+static TL_AVR_INLINE int16_t tl_avr_gate(const uint32_t *acc, const int32_t *m, const int8_t *s, uint8_t g)
 {
     const int16_t from_x =
         tl_avr_sat16(tl_avr_requantize(tl_avr_i32(acc[g]), TL_AVR_READ_I32(&m[g]), TL_AVR_READ_I8(&s[g])));

@@ -403,8 +403,8 @@ def plan(board_name: str, input_size: int, hidden: int | None, layers: int, wind
 
 _VARIANT_OPTION = click.option(
     "--variant", type=click.Choice(["reference", "arm_dsp", "avr"]), default=None,
-    help="Kernel variant to build (default: the board's fastest whose size the planner confirms; "
-         "currently arm_dsp on Arm boards with the DSP extension, else reference).")
+    help="Kernel variant to build (default: the board's fastest: avr on AVR, arm_dsp on Arm boards with the DSP "
+         "extension, else reference).")
 
 
 def _firmware_project(model_path: Path, board_name: str, out_dir: Path | None, variant: str | None) -> Any:
@@ -733,8 +733,8 @@ def _list(text: str | None, kind: type, option: str) -> list[Any] | None:
               show_default=True, help="Which model of the Pareto front to recommend.")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
               help="Kernel benchmark results for the latency model, repeatable [default: docs/performance.json].")
-@click.option("--variant", type=click.Choice(["reference", "arm_dsp", "avr"]), default="reference", show_default=True,
-              help="The kernel variant to plan and cost (the firmware `tinylstm run` builds uses reference).")
+@click.option("--variant", type=click.Choice(["reference", "arm_dsp", "avr"]), default=None,
+              help="The kernel variant to plan and cost (default: the board's fastest, which `tinylstm run` builds).")
 @click.option("--address", help="Attach to this Ray cluster (e.g. ray://head:10001 or auto) instead of a local one.")
 @click.option("--cpus", type=click.IntRange(1), default=2, show_default=True, help="CPUs of the local Ray instance.")
 @click.option("--retries", type=click.IntRange(0), default=1, show_default=True,
@@ -750,8 +750,8 @@ def _list(text: str | None, kind: type, option: str) -> list[Any] | None:
 def search(data: Path | None, dataset: str | None, task: str | None, features: str | None, target: str | None,
            label: str | None, board: str, hidden: str | None, layers: str, window: str | None, stride: str | None,
            lr: str | None, epochs: int | None, budget_trials: int | None, objective: str, calibration: tuple[Path, ...],
-           variant: str, address: str | None, cpus: int, retries: int, no_early_stop: bool, verify: bool, seed: int,
-           out_dir: Path, resume: bool, as_json: bool) -> None:
+           variant: str | None, address: str | None, cpus: int, retries: int, no_early_stop: bool, verify: bool,
+           seed: int, out_dir: Path, resume: bool, as_json: bool) -> None:
     """Find the best LSTM that fits the board: prune with the planner, train the rest on Ray, recommend one."""
     import json
 

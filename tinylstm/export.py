@@ -268,6 +268,23 @@ def kernel_layout(arch: str, variant: str = "reference") -> list[Buffer]:
     return [] if variant == "arm_dsp" else [Buffer("tinylstm_sigmoid_table", "flash", 256 * 2)]
 
 
+def _layer_scalars(layer: LSTMLayer) -> dict[str, int]:
+    """The scalar fields a layer's parameter struct holds, in every kernel: sizes and the cell constants."""
+    return {
+        "forget_to_cell_multiplier": layer.forget_to_cell_multiplier,
+        "input_to_cell_multiplier": layer.input_to_cell_multiplier,
+        "output_multiplier": layer.output_multiplier,
+        "input_size": layer.input_size,
+        "hidden_size": layer.hidden_size,
+        "cell_clip": layer.cell_clip if layer.cell_clip > 0 else INT16_MAX,
+        "forget_to_cell_shift": layer.forget_to_cell_shift,
+        "input_to_cell_shift": layer.input_to_cell_shift,
+        "output_shift": layer.output_shift,
+        "cell_tanh_shift": layer.cell_scale_power + 12,
+        "output_zero_point": layer.output_zero_point,
+    }
+
+
 def _values(model: QuantizedModel) -> tuple[dict[str, np.ndarray], dict[str, dict[str, int | str]]]:
     """The contents of the objects of ``_objects``: flat integer arrays, and struct fields (ints, or the names
     of the arrays a pointer field points to)."""
@@ -285,17 +302,7 @@ def _values(model: QuantizedModel) -> tuple[dict[str, np.ndarray], dict[str, dic
         arrays.update({p + k: np.asarray(v).ravel() for k, v in layer_arrays.items()})
         structs[p + "params"] = {
             **{k: p + k for k in layer_arrays},
-            "forget_to_cell_multiplier": layer.forget_to_cell_multiplier,
-            "input_to_cell_multiplier": layer.input_to_cell_multiplier,
-            "output_multiplier": layer.output_multiplier,
-            "input_size": layer.input_size,
-            "hidden_size": layer.hidden_size,
-            "cell_clip": layer.cell_clip if layer.cell_clip > 0 else INT16_MAX,
-            "forget_to_cell_shift": layer.forget_to_cell_shift,
-            "input_to_cell_shift": layer.input_to_cell_shift,
-            "output_shift": layer.output_shift,
-            "cell_tanh_shift": layer.cell_scale_power + 12,
-            "output_zero_point": layer.output_zero_point,
+            **_layer_scalars(layer),
             "per_channel": int(layer.per_channel),
         }
     head = model.head
@@ -510,17 +517,7 @@ def _avr_layer_structs(model: QuantizedModel) -> dict[str, dict[str, int | str]]
         structs[f"l{n}_layer"] = {
             "weights": f"l{n}_weights", "bias": f"l{n}_bias", "multiplier": f"l{n}_multiplier",
             "shift": f"l{n}_shift",
-            "forget_to_cell_multiplier": layer.forget_to_cell_multiplier,
-            "input_to_cell_multiplier": layer.input_to_cell_multiplier,
-            "output_multiplier": layer.output_multiplier,
-            "input_size": layer.input_size,
-            "hidden_size": layer.hidden_size,
-            "cell_clip": layer.cell_clip if layer.cell_clip > 0 else INT16_MAX,
-            "forget_to_cell_shift": layer.forget_to_cell_shift,
-            "input_to_cell_shift": layer.input_to_cell_shift,
-            "output_shift": layer.output_shift,
-            "cell_tanh_shift": layer.cell_scale_power + 12,
-            "output_zero_point": layer.output_zero_point,
+            **_layer_scalars(layer),
             "gate_step": 8 if layer.per_channel else 0,
         }
     return structs

@@ -491,7 +491,8 @@ def stage_firmware(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
     try:
         (plan,) = firmware.check_fits(model, board)
         project = firmware.generate_project(model, board, out / "project")
-        summary: dict[str, Any] = {"board": board.name, "project": "project", "built": False}
+        summary: dict[str, Any] = {"board": board.name, "project": "project", "kernel": project.variant,
+                                   "built": False}
         flash, ram = firmware.predicted_sizes(plan)
         summary["planner"] = {"flash": flash, "ram": ram, "stack": board.overhead.ram["stack"]}
         if ctx.config["board"]["build"]:
@@ -507,7 +508,8 @@ def stage_firmware(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
     if not summary["built"]:
         return summary, f"generated the PlatformIO project for {board.name} (not built: [board] build = false)"
     linker = summary["linker"]
-    return summary, (f"built with {summary['compiler']}: flash {linker['flash']:,} B, RAM {linker['ram']:,} B "
+    return summary, (f"built with {summary['compiler']} ({summary['kernel']} kernel): flash {linker['flash']:,} B, "
+                     f"RAM {linker['ram']:,} B "
                      f"(.data+.bss) of {board.flash_bytes:,}/{board.ram_bytes:,} B")
 
 
@@ -741,6 +743,8 @@ def summary_text(result: RunResult) -> str:
                 f"({stats['per_step_median']:,.0f} per step")
         if unit == "cycles":
             line += f"; {stats['median'] / bench['cpu_hz'] * 1e3:,.1f} ms at {bench['cpu_hz'] / 1e6:g} MHz"
+        if build and build.get("kernel") and build.get("compiler"):
+            line += f"; {build['kernel']} kernel, {build['compiler']}"
         lines.append(line + ")")
     if build and build.get("linker"):
         linker, plan = build["linker"], s["plan"]

@@ -330,6 +330,8 @@ def summary_cards(task: str, evaluation: dict[str, Any] | None, bench: dict[str,
             detail += f"; {stats['median'] / bench['cpu_hz'] * 1e3:,.1f} ms at {bench['cpu_hz'] / 1e6:g} MHz"
         elif unit == "instructions":
             detail += "; QEMU counts instructions, not cycles"
+        if build and build.get("kernel") and build.get("compiler"):
+            detail += f"; {build['kernel']} kernel, {build['compiler']}"
         cards.append({"title": f"{unit} per inference", "values": [("median", f"{stats['median']:,.0f}")],
                       "detail": detail, "ok": None})
     if plan:

@@ -26,14 +26,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from tinylstm import __version__, boards, budget, costmodel, evaluate
-from tinylstm.export import ModelShape
+from tinylstm.export import ModelShape, default_variant
 
 OBJECTIVES = ("accuracy", "latency", "balanced")
 DEFAULT_HIDDEN = (4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128)
@@ -121,7 +121,8 @@ class SearchSettings:
     retries: int = 1  # reruns of a trial whose worker died
     cpus_per_trial: float = 1.0
     calibration: Sequence[Path] = (DEFAULT_CALIBRATION,)  # measurement files for the cost model
-    variant: str = "reference"  # the kernel planned and costed: the one `tinylstm run` builds (export.VARIANTS)
+    variant: str | None = None  # the kernel planned and costed (export.VARIANTS); None: the board's fastest, which
+    # `tinylstm run` builds
 
     def key(self) -> dict[str, Any]:
         """The settings that decide the candidates and their results: a resumed search must match them."""
@@ -624,6 +625,8 @@ def search(settings: SearchSettings, out_dir: str | Path, *, address: str | None
         board = boards.load_board(settings.board)
     except boards.BoardError as e:
         raise SearchError(str(e)) from None
+    if settings.variant is None:
+        settings = replace(settings, variant=default_variant(board.arch, board.dsp))
     name = _model_name(settings.project)
     # The first candidate's config checks the project sections, and its dataset gives the sizes to plan with.
     probe = project_config(settings.project, Candidate((1,), 1, 1, 1e-3), board.name, True, name, "")
