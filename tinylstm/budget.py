@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tinylstm.boards import Board
-from tinylstm.export import Buffer, ModelShape, kernel_layout, memory_layout
+from tinylstm.export import Buffer, ModelShape, default_variant, kernel_layout, memory_layout
 
 DEFAULT_MARGIN = 0.10
 MAX_HIDDEN = 4096  # search limit and CLI limit
@@ -101,6 +101,7 @@ class Plan:
     ram: Resource
     reasons: tuple[str, ...]  # why it does not fit, one line per fault
     verdict: str  # FITS, TIGHT or DOES_NOT_FIT
+    variant: str  # the kernel variant planned (export.VARIANTS)
 
     @property
     def fits(self) -> bool:
@@ -142,6 +143,7 @@ class Plan:
             "shape": {"input_size": shape.input_size, "hidden_sizes": list(shape.hidden_sizes),
                       "window": shape.window, "outputs": shape.outputs, "per_channel": shape.per_channel},
             "options": {"buffer_window": self.buffer_window, "margin": self.margin},
+            "variant": self.variant,
             "verdict": self.verdict,
             "overflowing": list(self.overflowing),
             "reasons": list(self.reasons),
@@ -160,7 +162,7 @@ class Plan:
                  f"model: input {self.shape.input_size}, hidden {list(self.shape.hidden_sizes)}, window "
                  f"{self.shape.window} ({'buffered on the device' if self.buffer_window else 'streamed'}), "
                  f"outputs {self.shape.outputs if self.shape.outputs is not None else 'none (last h)'}"
-                 f"{', per-channel scales' if self.shape.per_channel else ''}"]
+                 f"{', per-channel scales' if self.shape.per_channel else ''}; {self.variant} kernel"]
         overhead = self.board.overhead
         for resource, extra in ((self.flash, overhead.flash), (self.ram, overhead.ram)):
             lines.append("")
@@ -226,8 +228,9 @@ def check_shape(shape: ModelShape) -> None:
 
 
 def plan(board: Board, shape: ModelShape, *, buffer_window: bool = False, margin: float = DEFAULT_MARGIN,
-         variant: str = "reference") -> Plan:
-    """The plan for ``shape`` on ``board`` with the kernel ``variant`` (export.VARIANTS).
+         variant: str | None = None) -> Plan:
+    """The plan for ``shape`` on ``board`` with the kernel ``variant`` (export.VARIANTS; None: the board's fastest,
+    the one its firmware builds, ``export.default_variant``).
 
     ``buffer_window``: the firmware keeps the whole input window (window x input bytes) in RAM instead of
     streaming it one sample at a time. ``margin``: headroom below this share of a resource makes it "tight".
@@ -235,6 +238,7 @@ def plan(board: Board, shape: ModelShape, *, buffer_window: bool = False, margin
     check_shape(shape)
     if not 0 <= margin < 1:
         raise PlanError(f"margin {margin} must be in [0, 1)")
+    variant = variant or default_variant(board.arch, board.dsp)
     code = board.code.for_variant(variant)
     if code is None:
         raise PlanError(f"no code size of the {variant!r} kernel is recorded for {board.name} "
@@ -295,7 +299,7 @@ def plan(board: Board, shape: ModelShape, *, buffer_window: bool = False, margin
     statuses = {r.status for r in resources.values()}
     verdict = DOES_NOT_FIT if DOES_NOT_FIT in statuses else TIGHT if TIGHT in statuses else FITS
     return Plan(board, shape, buffer_window, margin, tuple(items), resources["flash"], resources["ram"],
-                tuple(reasons), verdict)
+                tuple(reasons), verdict, variant)
 
 
 def _largest(fits: Any, low: int, high: int) -> int:
@@ -311,28 +315,35 @@ def _largest(fits: Any, low: int, high: int) -> int:
     return low
 
 
-def max_hidden(board: Board, shape: ModelShape, *, buffer_window: bool = False, limit: int = MAX_HIDDEN) -> int:
-    """The largest hidden size (the same in every layer of ``shape``) that fits ``board``; 0 if none does.
+def max_hidden(board: Board, shape: ModelShape, *, buffer_window: bool = False, limit: int = MAX_HIDDEN,
+               variant: str | None = None) -> int:
+    """The largest hidden size (the same in every layer of ``shape``) that fits ``board`` with the kernel
+    ``variant`` (None: the board's fastest); 0 if none does.
 
     Every buffer grows with the hidden size, so the verdict is monotone and a binary search finds the answer.
     """
     layers = len(shape.hidden_sizes)
 
     def fits(hidden: int) -> bool:
-        return plan(board, replace(shape, hidden_sizes=(hidden,) * layers), buffer_window=buffer_window).fits
+        return plan(board, replace(shape, hidden_sizes=(hidden,) * layers), buffer_window=buffer_window,
+                    variant=variant).fits
 
     return _largest(fits, 1, limit)
 
 
-def max_window(board: Board, shape: ModelShape, *, buffer_window: bool = True, limit: int = MAX_WINDOW) -> int | None:
-    """The longest input window that fits ``board``; 0 if none does.
+def max_window(board: Board, shape: ModelShape, *, buffer_window: bool = True, limit: int = MAX_WINDOW,
+               variant: str | None = None) -> int | None:
+    """The longest input window that fits ``board`` with the kernel ``variant`` (None: the board's fastest); 0 if
+    none does.
 
     None when memory does not depend on the window (it is streamed and no buffer grows with it).
     """
-    def fits(window: int) -> bool:
-        return plan(board, replace(shape, window=window), buffer_window=buffer_window).fits
+    def planned(window: int) -> Plan:
+        return plan(board, replace(shape, window=window), buffer_window=buffer_window, variant=variant)
 
-    if fits(1) and plan(board, replace(shape, window=1), buffer_window=buffer_window).items == plan(
-            board, replace(shape, window=limit), buffer_window=buffer_window).items:
+    def fits(window: int) -> bool:
+        return planned(window).fits
+
+    if fits(1) and planned(1).items == planned(limit).items:
         return None
     return _largest(fits, 1, limit)

@@ -360,9 +360,12 @@ def boards(name: str | None, as_json: bool) -> None:
 @click.option("--margin", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
               help="Headroom below this share of flash or RAM makes the verdict 'tight'.")
 @click.option("--max-hidden", is_flag=True, help="Print the largest hidden size that fits instead.")
+@click.option("--variant", type=click.Choice(["reference", "arm_dsp", "avr"]), default=None,
+              help="Kernel variant to plan for (default: the board's fastest, the one its firmware builds).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plan(board_name: str, input_size: int, hidden: int | None, layers: int, window: int, outputs: int | None,
-         per_channel: bool, buffer_window: bool, margin: float, max_hidden: bool, as_json: bool) -> None:
+         per_channel: bool, buffer_window: bool, margin: float, max_hidden: bool, variant: str | None,
+         as_json: bool) -> None:
     """Check a model shape against a board's flash and RAM before training it.
 
     Exit status: 0 when it fits (or fits tightly), 1 when it does not, 2 for a usage error.
@@ -382,10 +385,13 @@ def plan(board_name: str, input_size: int, hidden: int | None, layers: int, wind
     shape = ModelShape(input_size=input_size, hidden_sizes=(hidden or 1,) * layers, window=window,
                        outputs=outputs, per_channel=per_channel)
     if max_hidden:
-        best = budget.max_hidden(board, shape, buffer_window=buffer_window)
+        best = budget.max_hidden(board, shape, buffer_window=buffer_window, variant=variant)
         if best:
             shape = ModelShape(input_size, (best,) * layers, window, outputs, per_channel)
-    result = budget.plan(board, shape, buffer_window=buffer_window, margin=margin)
+    try:
+        result = budget.plan(board, shape, buffer_window=buffer_window, margin=margin, variant=variant)
+    except budget.PlanError as e:
+        raise click.UsageError(str(e)) from None
     if max_hidden:
         if as_json:
             click.echo(json.dumps({"max_hidden": best, "plan": result.to_dict()}, indent=2))

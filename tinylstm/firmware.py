@@ -586,7 +586,7 @@ def measure_overhead(board: Board | str, work_dir: Path) -> Overhead:
             source.unlink()
     (bare_path / "src" / "main.c").write_text(_BARE_MAIN)
     bare = build(bare_project)
-    p = plan(board, ModelShape.from_model(model))
+    p = plan(board, ModelShape.from_model(model), variant="reference")
     return Overhead(bare.sizes.flash, bare.sizes.ram, hil_sizes.flash - bare.sizes.flash - p.flash.model,
                     hil_sizes.ram - bare.sizes.ram - p.ram.model, bare.compiler)
 

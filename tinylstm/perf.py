@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +150,8 @@ def _cached_tool(source_name: str, binary: Path, flags: list[str], what: str) ->
     source = EMULATOR_SOURCES / source_name
     if not binary.is_file() or binary.stat().st_mtime < source.stat().st_mtime:
         binary.parent.mkdir(parents=True, exist_ok=True)
-        tmp = binary.with_name(f".{binary.name}.{os.getpid()}")
+        # A private temporary name, so that concurrent builds (threads of one process too) never collide.
+        tmp = binary.with_name(f".{binary.name}.{os.getpid()}.{threading.get_ident()}")
         _run(["gcc", "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(source), *flags], what)
         tmp.replace(binary)
     return binary
