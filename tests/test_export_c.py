@@ -278,6 +278,14 @@ def test_vectors_bit_exact_on_host(host_program: HostProgram, vector_cases: list
 
 def test_random_models_match_reference(host_program: HostProgram, random_cases: list) -> None:
     """Every output and every layer's h and c after every step; streaming equals run(); reset restores."""
+    saturated, total = check_models_against_reference(host_program, random_cases)
+    # The set must exercise both the linear range and saturation.
+    assert 0.05 < saturated / total < 0.8, f"{saturated} of {total} outputs saturated"
+
+
+def check_models_against_reference(host_program: HostProgram, random_cases: list) -> tuple[int, int]:
+    """Check models r0, r1, ... of the program on their windows against the reference, as
+    test_random_models_match_reference describes; returns (saturated outputs, outputs)."""
     offset = host_program.prefixes.index("r0")
     jobs = [(offset + k, w) for k, (_, windows) in enumerate(random_cases) for w in windows]
     results = iter(host_program.run(jobs))
@@ -303,8 +311,7 @@ def test_random_models_match_reference(host_program: HostProgram, random_cases: 
             _assert_state(result.after_second_reset, initial, f"{where}, after the second reset")
             saturated += int(np.sum(np.abs(result.output) >= 127))
             total += result.output.size
-    # The set must exercise both the linear range and saturation.
-    assert 0.05 < saturated / total < 0.8, f"{saturated} of {total} outputs saturated"
+    return saturated, total
 
 
 def test_random_models_cover_the_range(random_cases: list) -> None:

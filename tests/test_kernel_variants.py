@@ -29,6 +29,7 @@ from tests.test_export_c import (
     _model_with_shape,
     _vector_prefix,
     _write_sources,
+    check_models_against_reference,
     random_cases,  # noqa: F401 (fixture)
     vector_cases,  # noqa: F401 (fixture)
 )
@@ -68,6 +69,17 @@ def test_variant_vectors_bit_exact_on_host(variant_program, vector_cases) -> Non
 
 def test_variant_random_models_match_reference_on_host(variant_program, random_cases) -> None:  # noqa: F811
     _check_random_models(variant_program, random_cases)
+
+
+@pytest.mark.parametrize("variant", OPTIMIZED)
+def test_variant_long_rows_match_reference_on_host(variant: str, tmp_path: Path) -> None:
+    """Rows longer than one pass of the matrix loop (255 inputs on AVR, 504 with the DSP kernel): an input of 600
+    and a hidden size of 300, so both halves take several passes."""
+    models = {"wide": random_model(41, input_size=600, hidden_sizes=(5,), outputs=3, window=3),
+              "deep": random_model(42, input_size=2, hidden_sizes=(300,), outputs=None, window=2, per_channel=True)}
+    cases = [(model, random_windows(43 + k, model, 2)) for k, model in enumerate(models.values())]
+    program = HostProgram({f"r{k}": m for k, m in enumerate(models.values())}, tmp_path, variant)
+    check_models_against_reference(program, cases)
 
 
 _ACTIVATION_DRIVER = r"""
@@ -176,6 +188,9 @@ def _emulator_cases(vector_cases, variant: str) -> list:  # noqa: F811
                          input_size=int(np.random.default_rng(seed).integers(1, 12)))
         model = random_model(500 + seed, window=int(3 + seed % 5), per_channel=bool(seed % 3 == 0), **small)
         cases.append((model.name, model, random_windows(600 + seed, model, 1)[0]))
+    # an input row longer than one pass of the matrix loop (255 inputs on AVR, 504 with the DSP kernel)
+    wide = random_model(530, input_size=300 if variant == "avr" else 600, hidden_sizes=(4,), window=3, outputs=2)
+    cases.append((wide.name, wide, random_windows(630, wide, 1)[0]))
     return cases
 
 
