@@ -254,6 +254,8 @@ def quantize(checkpoint: Path, out: Path, per_channel: bool, calibration: str, p
     except OSError as e:
         raise click.ClickException(f"cannot write: {e}") from None
     text = f"{result.comparison.summary()}\nwrote {out}"
+    if result.qat:  # the FP32 figures are then the fine-tuned float model's
+        text = f"after {len(result.qat.history)} QAT epochs (FP32: the fine-tuned float model)\n{text}"
     if plan is not None:
         text += f"\n{board['name']}: {plan.verdict}"
     _emit(full, as_json, text, quiet)

@@ -480,7 +480,10 @@ def stage_quantize(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
             "int8": evaluate.int8_outputs(result.qmodel, ds, split)[:, 0].tolist(),
             "target": ds.target_names[0], "truth_flags": None if split.truth is None else split.truth.tolist()}
     write_json(out / "evaluation.json", summary)
-    return summary, result.comparison.summary().splitlines()[0]
+    line = result.comparison.summary().splitlines()[0]
+    if result.qat:  # the FP32 figure is then the fine-tuned float model's, not the trained checkpoint's
+        line = f"after {len(result.qat.history)} QAT epochs: {line}"
+    return summary, line
 
 
 def stage_firmware(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
