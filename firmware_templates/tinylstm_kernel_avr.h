@@ -272,7 +272,7 @@ static TL_AVR_OUT_OF_LINE int32_t tl_avr_requantize(int32_t value, int32_t multi
 }
 
 /* clamp(wide + narrow, lo, hi) for |narrow| <= 2^15 and [lo, hi] inside the int16 range, as the reference. */
-static TL_AVR_OUT_OF_LINE int16_t tl_avr_add_clamp(int32_t wide, int16_t narrow, int16_t lo, int16_t hi)
+static TL_AVR_INLINE int16_t tl_avr_add_clamp(int32_t wide, int16_t narrow, int16_t lo, int16_t hi)
 {
     if (wide > INT32_C(65536)) {
         return hi;
