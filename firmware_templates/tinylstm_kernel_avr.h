@@ -1,6 +1,6 @@
 /*
- * tinylstm AVR kernel (ATmega, avr-gcc): helpers for the layer step functions that tinylstm generates per model.
- * Same results as the reference kernel, bit for bit.
+ * tinylstm AVR kernel (ATmega, avr-gcc): the layer step routine, tl_avr_layer, that the code tinylstm generates
+ * per model calls (see docs/performance.md). Same results as the reference kernel, bit for bit.
  *
  * Matrix part. Each step first copies the layer input and h to RAM as unsigned bytes x' = x + 128, and the
  * generator stores every weight as w' = w + 128 in flash, the four gates of one input side by side. Then
@@ -14,8 +14,11 @@
  * Gate arithmetic. Requantization is the reference's, with its 32 x 32 -> 64-bit rounding doubling high
  * multiply as sixteen MULs in assembly (a multiplier of 2^30, TFLite's power-of-two cell scales, is a rounding
  * halving instead) and the rounding right shift done bytewise; sigmoid and tanh interpolate the shared table in
- * 16-bit arithmetic. These are out-of-line functions with the model's constants as arguments, so a layer's code
- * has the same size whatever its constants. The assembly makes the speed independent of -O2 versus -Os.
+ * 16-bit arithmetic.
+ *
+ * tl_avr_layer reads every size and constant of a layer from its flash struct, so its code is the same for every
+ * layer and model, and the planner's code figure is exact. The assembly and the always-inlined helpers keep -O2
+ * and -Os within a few percent of each other.
  */
 #ifndef TINYLSTM_KERNEL_AVR_H
 #define TINYLSTM_KERNEL_AVR_H
