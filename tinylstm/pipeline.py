@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from tinylstm import __version__
-from tinylstm.report import headline
+from tinylstm.report import build_label, headline
 
 MANIFEST = "pipeline.json"
 CONFIG_COPY = "config.toml"
@@ -746,8 +746,7 @@ def summary_text(result: RunResult) -> str:
                 f"({stats['per_step_median']:,.0f} per step")
         if unit == "cycles":
             line += f"; {stats['median'] / bench['cpu_hz'] * 1e3:,.1f} ms at {bench['cpu_hz'] / 1e6:g} MHz"
-        if build and build.get("kernel") and build.get("compiler"):
-            line += f"; {build['kernel']} kernel, {build['compiler']}"
+        line += build_label(build)
         lines.append(line + ")")
     if build and build.get("linker"):
         linker, plan = build["linker"], s["plan"]

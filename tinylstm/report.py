@@ -300,6 +300,13 @@ def metric_rows(task: str, fp32: dict[str, Any], int8: dict[str, Any], device: d
              "host_same": show(host_same, key, kind), "device": show(device, key, kind)} for key, kind in names]
 
 
+def build_label(build: dict[str, Any] | None) -> str:
+    """"; <kernel> kernel, <compiler>" for the firmware a figure was measured on, or "" when not built."""
+    if build and build.get("kernel") and build.get("compiler"):
+        return f"; {build['kernel']} kernel, {build['compiler']}"
+    return ""
+
+
 def headline(task: str, metrics: dict[str, Any], *, with_name: bool = False) -> str:
     """The task's main metric as text: accuracy, RMSE or F1 (the latter two prefixed by their name on request)."""
     if task == "classification":
@@ -330,8 +337,7 @@ def summary_cards(task: str, evaluation: dict[str, Any] | None, bench: dict[str,
             detail += f"; {stats['median'] / bench['cpu_hz'] * 1e3:,.1f} ms at {bench['cpu_hz'] / 1e6:g} MHz"
         elif unit == "instructions":
             detail += "; QEMU counts instructions, not cycles"
-        if build and build.get("kernel") and build.get("compiler"):
-            detail += f"; {build['kernel']} kernel, {build['compiler']}"
+        detail += build_label(build)
         cards.append({"title": f"{unit} per inference", "values": [("median", f"{stats['median']:,.0f}")],
                       "detail": detail, "ok": None})
     if plan:
