@@ -35,7 +35,7 @@ from tests.test_export_c import (
 )
 from tests.test_export_c import test_random_models_match_reference as _check_random_models
 from tests.test_export_c import test_vectors_bit_exact_on_host as _check_vectors
-from tinylstm import perf
+from tinylstm import firmware, perf
 from tinylstm.boards import load_board
 from tinylstm.budget import PlanError, plan
 from tinylstm.export import (
@@ -163,6 +163,8 @@ def test_variant_selection() -> None:
     assert '#include "tinylstm_kernel_arm_dsp.h"' in render_c(model, "m", "arm_dsp")["m.c"]
     with pytest.raises(PlanError, match="no code size"):
         plan(load_board("pico"), ModelShape.from_model(model), variant="arm_dsp")
+    with pytest.raises(firmware.FirmwareError, match="no code size"):  # one line for build/flash/bench
+        firmware.check_fits(model, load_board("uno_sim"), "arm_dsp")
 
 
 def test_planner_figures_per_variant() -> None:

@@ -36,7 +36,7 @@ import numpy as np
 
 from tinylstm import export
 from tinylstm.boards import Board, load_board
-from tinylstm.budget import Plan, plan
+from tinylstm.budget import Plan, PlanError, plan
 from tinylstm.export import ModelShape
 from tinylstm.qmodel import QuantizedModel
 
@@ -432,7 +432,10 @@ def check_fits(models: QuantizedModel | Sequence[QuantizedModel], board: Board, 
     ``variant`` (None: ``board_variant(board)``), before any compile; FirmwareError if one does not fit."""
     models = [models] if isinstance(models, QuantizedModel) else list(models)
     variant = board_variant(board, variant)
-    plans = [plan(board, ModelShape.from_model(m), variant=variant) for m in models]
+    try:
+        plans = [plan(board, ModelShape.from_model(m), variant=variant) for m in models]
+    except PlanError as e:
+        raise FirmwareError(str(e)) from None
     for model, p in zip(models, plans, strict=True):
         if not p.fits:
             raise FirmwareError(f"model {model.name} does not fit {board.name}: {'; '.join(p.reasons)}")
