@@ -635,6 +635,35 @@ def _stage_key(stage: Stage, config: Config, manifest: dict[str, Any]) -> str:
                     "upstream": upstream, "extra": extra})
 
 
+def _foreign(out_dir: Path, manifest: dict[str, Any]) -> str | None:
+    """The first path under a name the pipeline writes that its manifest does not list as its own, or None.
+
+    The pipeline only ever replaces what it wrote: a stage directory, a top-level file of a stage, or the config
+    copy it made (recorded by hash, so a copy the user has edited is theirs again).
+    """
+    for stage in STAGES:
+        record = manifest["stages"].get(stage.name, {})
+        listed = set(record.get("outputs", {}))
+        for name in stage.root_files:
+            if (out_dir / name).exists() and name not in listed:
+                return name
+        directory = out_dir / stage.name
+        if not directory.exists() and not directory.is_symlink():
+            continue
+        if not record or directory.is_symlink() or not directory.is_dir():
+            return stage.name
+        for path in directory.rglob("*"):
+            rel = path.relative_to(out_dir)
+            if ".pio" in rel.parts or path.is_dir() and not path.is_symlink():
+                continue  # PlatformIO's build tree is the firmware stage's own; directories are checked by content
+            if str(rel) not in listed:
+                return str(rel)
+    config_copy = out_dir / CONFIG_COPY
+    if config_copy.exists() and (not config_copy.is_file() or file_hash(config_copy) != manifest.get("config_copy")):
+        return CONFIG_COPY
+    return None
+
+
 def _install(tmp: Path, out_dir: Path, stage: Stage) -> None:
     """Move a finished stage's files from its temporary directory into place."""
     for name in stage.root_files:
@@ -676,8 +705,14 @@ def run(config: Config, out_dir: str | Path, reporter: Reporter | None = None) -
     reporter = reporter or Reporter()
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out_dir)
+    foreign = _foreign(out_dir, manifest)
+    if foreign:
+        raise PipelineError(f"{out_dir / foreign} is not tinylstm output ({MANIFEST} does not list it); "
+                            "nothing was changed: move it, or choose another output directory")
     manifest["command"] = config.command
     (out_dir / CONFIG_COPY).write_text(config.to_toml())
+    manifest["config_copy"] = file_hash(out_dir / CONFIG_COPY)
+    write_json(out_dir / MANIFEST, manifest)
     ctx = Context(config, out_dir, reporter)
     result = RunResult(out_dir, [], [], [], {})
     reporter.start(config, out_dir)
