@@ -645,10 +645,13 @@ def init(path: Path, data_path: Path | None, force: bool) -> None:
     columns = None
     if data_path is not None and data_path.suffix.lower() == ".csv":
         try:
-            with open(data_path, newline="") as f:
+            with open(data_path, newline="", encoding="utf-8") as f:
                 columns = next(csv.reader(f), None)
         except OSError as e:
-            raise click.ClickException(f"cannot read {data_path}: {e}") from None
+            raise click.ClickException(f"cannot read {data_path}: {e.strerror}") from None
+        except (UnicodeDecodeError, csv.Error):
+            raise click.ClickException(f"{data_path} is not a UTF-8 CSV file (save it as UTF-8 text with a header "
+                                       "row of column names)") from None
     data = os.path.relpath(data_path.resolve(), path.resolve().parent) if data_path else None
     text = pipeline.example_config(path.name, data, columns)
     tmp = path.with_name(f".{path.name}.tmp")

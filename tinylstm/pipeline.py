@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from tinylstm import __version__
+from tinylstm.qmodel import MAX_LAYERS
 from tinylstm.report import build_label, headline
 
 MANIFEST = "pipeline.json"
@@ -74,6 +75,34 @@ DEMOS: dict[str, dict[str, dict[str, Any]]] = {
         "train": {"epochs": 150, "lr": 1e-2, "batch_size": 64, "patience": 25, "lr_patience": 8},
         "bench": {"windows": 50},
     },
+}
+
+
+# What each value may be, checked before any stage runs: (test, what it must be). Keys not listed take any value
+# of their type.
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low:g}"
+
+
+def _one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in choices), "one of " + ", ".join(choices)
+
+
+_POSITIVE = ((lambda v: v > 0), "> 0")
+_SHARE = ((lambda v: 0 < v < 1), "between 0 and 1 (exclusive)")
+RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
+    "data": {"window": _at_least(1), "stride": _at_least(1), "norm": _one_of("zscore", "minmax", "none"),
+             "fillna": _one_of("none", "ffill", "linear", "zero"), "val_fraction": _SHARE,
+             "test_fraction": _SHARE, "layout": _one_of("auto", "NTF", "NFT")},
+    "task": {"kind": _one_of("classification", "forecasting", "anomaly"), "horizon": _at_least(1),
+             "normal_rows": _at_least(1), "threshold_margin": _POSITIVE},
+    "train": {"epochs": _at_least(1), "lr": _POSITIVE, "batch_size": _at_least(1), "patience": _at_least(1),
+              "lr_patience": _at_least(1), "optimizer": _one_of("adam", "adamw"), "weight_decay": _at_least(0),
+              "clip_norm": _POSITIVE, "threads": _at_least(1)},
+    "quantization": {"calibration": _one_of("minmax", "percentile"),
+                     "percentile": ((lambda v: 50 < v <= 100), "in (50, 100]"), "qat_epochs": _at_least(0),
+                     "qat_lr": _POSITIVE},
+    "bench": {"windows": _at_least(0)},
 }
 
 
@@ -147,7 +176,14 @@ def make_config(raw: dict[str, Any], command: str, base_dir: Path = Path(".")) -
                 raise PipelineError(f"[{section}] {key} must be {_type_name(kind)} (got {v!r})")
             values[key] = float(v) if kind is float else v
         sections[section] = values
+    for section, rules in RULES.items():
+        for key, (test, must_be) in rules.items():
+            v = sections[section][key]
+            if v is not None and not test(v):
+                raise PipelineError(f"[{section}] {key} must be {must_be} (got {v!r})")
     data, model = sections["data"], sections["model"]
+    if data["val_fraction"] + data["test_fraction"] >= 1:
+        raise PipelineError("[data] val_fraction + test_fraction must be below 1: nothing would be left to train on")
     if (data["path"] is None) == (data["dataset"] is None):
         raise PipelineError("[data] needs either path (your CSV or NPZ file) or dataset (a bundled set)")
     if data["path"] is not None:
@@ -157,18 +193,38 @@ def make_config(raw: dict[str, Any], command: str, base_dir: Path = Path(".")) -
     if not model["hidden"] or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0
                                       for h in model["hidden"]):
         raise PipelineError(f"[model] hidden must be a list of positive sizes, one per layer (got {model['hidden']!r})")
+    if len(model["hidden"]) > MAX_LAYERS:
+        raise PipelineError(f"[model] hidden lists {len(model['hidden'])} layers; 1 to {MAX_LAYERS} are supported")
     if data["features"] is not None and not all(isinstance(f, str) for f in data["features"]):
         raise PipelineError("[data] features must be a list of column names")
+    _check_board(sections["board"]["name"], sections["bench"]["port"])
     return Config(sections, command)
+
+
+def _check_board(name: str, port: str | None) -> None:
+    """The board exists, and a serial port is set only for a real one (an emulated board gets its own)."""
+    from tinylstm.boards import BoardError, load_board
+
+    try:
+        board = load_board(name)
+    except BoardError as e:
+        raise PipelineError(f"[board] name: {e}") from None
+    if board.emulated and port is not None:
+        raise PipelineError(f"[bench] port is set, but {name} is an emulated board: tinylstm starts its emulator "
+                            "and connects to it; remove port, or name the real board it is connected to")
 
 
 def load_config(path: str | Path) -> Config:
     """Read a project TOML file; relative paths in it are relative to the file."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PipelineError(f"{path}: no such config file (tinylstm init writes an example)") from None
+    except UnicodeDecodeError:
+        raise PipelineError(f"{path}: not valid TOML: not UTF-8 text") from None
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise PipelineError(f"{path}: not valid TOML: {e}") from None
     return make_config(raw, f"tinylstm run {path}", path.resolve().parent)

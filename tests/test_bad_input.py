@@ -1,0 +1,77 @@
+"""Bad input through the command line, as a user meets it: one line on stderr, exit code 1, no traceback, and
+nothing written. The whole config is checked before any stage runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GOOD = {
+    "data": 'dataset = "taylor_demand"',
+    "model": "hidden = [4]",
+    "train": "epochs = 2",
+    "quantization": 'calibration = "minmax"',
+    "board": 'name = "uno"\nbuild = false',
+    "bench": "windows = 5",
+}
+
+
+def tinylstm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tinylstm.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def project(directory: Path, **changes: str) -> Path:
+    sections = {**GOOD, **changes}
+    path = directory / "project.toml"
+    path.write_text("".join(f"[{name}]\n{body}\n" for name, body in sections.items()))
+    return path
+
+
+@pytest.mark.parametrize(("section", "body", "words"), [
+    ("train", "epochs = 0", ["[train] epochs", ">= 1"]),
+    ("train", "batch_size = 0", ["[train] batch_size", ">= 1"]),
+    ("bench", "windows = -5", ["[bench] windows", ">= 0"]),
+    ("bench", 'port = "/dev/ttyACM0"', ["[bench] port", "emulated"]),
+    ("quantization", 'calibration = "median"', ["[quantization] calibration", "minmax, percentile"]),
+    ("model", "hidden = [8, 8, 8, 8]", ["4 layers", "1 to 3"]),
+    ("data", 'dataset = "taylor_demand"\nval_fraction = 0.6\ntest_fraction = 0.5', ["val_fraction + test_fraction"]),
+    ("board", 'name = "unoo"', ["[board] name", "did you mean uno"]),
+])
+def test_a_bad_value_stops_the_run_before_any_stage(tmp_path, section, body, words):
+    changes = {section: body}
+    if words[0] == "[bench] port":
+        changes["board"] = 'name = "uno_sim"'
+    config = project(tmp_path, **changes)
+    result = tinylstm("run", str(config), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert_one_line_error(result, *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_binary_or_latin1_config_is_a_one_line_error(tmp_path):
+    (tmp_path / "binary.toml").write_bytes(bytes(range(256)))
+    (tmp_path / "latin1.toml").write_bytes('[data]\ndataset = "caf\xe9"\n'.encode("latin-1"))
+    for name in ("binary.toml", "latin1.toml"):
+        result = tinylstm("run", name, "--out", "out", cwd=tmp_path)
+        assert_one_line_error(result, name, "not valid TOML")
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_with_a_latin1_or_binary_csv_is_a_one_line_error(tmp_path):
+    (tmp_path / "latin1.csv").write_bytes("temp\xe9rature,label\n1,a\n".encode("latin-1"))
+    (tmp_path / "binary.csv").write_bytes(b"\x00\x01\x02\xff\xfe\n\x00")
+    for name in ("latin1.csv", "binary.csv"):
+        result = tinylstm("init", "p.toml", "--data", name, cwd=tmp_path)
+        assert_one_line_error(result, name, "UTF-8 CSV")
+        assert not (tmp_path / "p.toml").exists()
