@@ -75,3 +75,36 @@ def test_init_with_a_latin1_or_binary_csv_is_a_one_line_error(tmp_path):
         result = tinylstm("init", "p.toml", "--data", name, cwd=tmp_path)
         assert_one_line_error(result, name, "UTF-8 CSV")
         assert not (tmp_path / "p.toml").exists()
+
+
+def _model_with(tmp_path: Path, where: str, key: str, value: object) -> Path:
+    """A valid random model file whose metadata field ``where.key`` is replaced by ``value``."""
+    import json
+
+    import numpy as np
+
+    from tests.random_models import random_model
+    from tinylstm import qmodel
+
+    path = qmodel.save(random_model(5, layers=1, window=4), tmp_path / "good.npz")
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(arrays.pop("__meta__").tobytes())
+    record = meta["input"] if where == "input" else meta["layers"][0]
+    record[key] = value
+    bad = tmp_path / f"bad_{key}.npz"
+    np.savez(bad, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays)
+    return bad
+
+
+@pytest.mark.parametrize(("where", "key", "value"), [
+    ("input", "scale", "0.1"), ("layer", "cell_scale_power", "-11"), ("input", "window", 2.5),
+    ("layer", "input_scale", None), ("layer", "cell_clip", True),
+])
+@pytest.mark.parametrize("command", [["export", "--format", "c", "--out", "gen"], ["build", "--board", "uno_sim"],
+                                     ["bench", "--board", "uno_sim"]])
+def test_a_model_file_with_a_mistyped_field_is_a_one_line_error(tmp_path, where, key, value, command):
+    bad = _model_with(tmp_path, where, key, value)
+    result = tinylstm(*command, "--model", str(bad), cwd=tmp_path)
+    assert_one_line_error(result, str(bad), key)
+    assert not (tmp_path / "gen").exists()

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -226,15 +227,15 @@ def from_records(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Quantiz
             f"model format version {meta.get('version')!r} is not supported (this tinylstm reads {FORMAT_VERSION})"
         )
     try:
-        spec = InputSpec(**meta["input"])
+        spec = InputSpec(**_typed("input", meta["input"], InputSpec, tuple(meta["input"])))
         layers = []
         for n, rec in enumerate(meta["layers"]):
-            kw = {k: rec[k] for k in _LAYER_SCALARS}
+            kw = _typed(f"layers.{n}", rec, LSTMLayer, _LAYER_SCALARS)
             kw.update({k: _array(arrays, f"layers.{n}.{k}", dt) for k, dt in _LAYER_ARRAYS.items()})
             layers.append(LSTMLayer(**kw))
         head = None
         if meta.get("head") is not None:
-            kw = {k: meta["head"][k] for k in _HEAD_SCALARS}
+            kw = _typed("head", meta["head"], DenseHead, _HEAD_SCALARS)
             kw.update({k: _array(arrays, f"head.{k}", dt) for k, dt in _HEAD_ARRAYS.items()})
             head = DenseHead(**kw)
     except (KeyError, TypeError) as e:
@@ -243,6 +244,33 @@ def from_records(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Quantiz
                            meta=meta.get("meta") or {})
     validate(model)
     return model
+
+
+# What a record's scalar of each annotated type may be in the JSON metadata.
+_SCALAR_TYPES = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v), "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list[float]": (lambda v: isinstance(v, list) and all(_SCALAR_TYPES["float"][0](x) for x in v),
+                    "a list of finite numbers"),
+}
+
+
+def _typed(where: str, record: Any, cls: type, keys: tuple[str, ...]) -> dict[str, Any]:
+    """``keys`` of a metadata record, each checked against the type ``cls`` declares for it."""
+    if not isinstance(record, dict):
+        raise ModelFormatError(f"{where} must be a record, not {type(record).__name__}")
+    kinds = {f.name: f.type for f in fields(cls)}
+    values = {}
+    for key in keys:
+        if key not in kinds:
+            raise ModelFormatError(f"{where}.{key} is not a field of the model format")
+        value = record[key]
+        test, must_be = _SCALAR_TYPES[kinds[key]]
+        if not test(value):
+            raise ModelFormatError(f"{where}.{key} = {value!r} must be {must_be}")
+        values[key] = value
+    return values
 
 
 def _array(arrays: dict[str, np.ndarray], key: str, dtype: type) -> np.ndarray:
