@@ -415,8 +415,10 @@ _VARIANT_OPTION = click.option(
          "extension, else reference).")
 
 
-def _firmware_project(model_path: Path, board_name: str, out_dir: Path | None, variant: str | None) -> Any:
-    """Load the model and board, check the plan, and generate the PlatformIO project; (project, plan)."""
+def _build_firmware(model_path: Path, board_name: str, out_dir: Path | None, variant: str | None,
+                    port: str | None = None) -> Any:
+    """Load the model and board, check the plan (and the serial port, if given), then generate and build the
+    PlatformIO project while holding its lock; (project, plan, build result)."""
     from tinylstm import firmware
     from tinylstm.boards import BoardError, load_board
     from tinylstm.qmodel import ModelFormatError, load
@@ -424,13 +426,18 @@ def _firmware_project(model_path: Path, board_name: str, out_dir: Path | None, v
     try:
         model = load(model_path)
         board = load_board(board_name)
+        if board.emulated and port is not None:
+            raise firmware.FirmwareError(f"{board.name} is emulated; it gets its own port (drop --port)")
+        if port is not None:
+            firmware.check_port(port)
         (plan,) = firmware.check_fits(model, board, variant)
         out_dir = out_dir or Path("tinylstm-firmware") / f"{board.name}-{model.digest()}"
-        existing = (out_dir / firmware.PROJECT_MANIFEST).is_file()
-        project = firmware.generate_project(model, board, out_dir, force=existing, variant=variant)
+        with firmware.project_lock(out_dir):
+            existing = (out_dir / firmware.PROJECT_MANIFEST).is_file()
+            project = firmware.generate_project(model, board, out_dir, force=existing, variant=variant)
+            return project, plan, firmware.build(project)
     except (ModelFormatError, BoardError, firmware.FirmwareError) as e:
         raise click.ClickException(str(e)) from None
-    return project, plan
 
 
 @main.command()
@@ -444,11 +451,7 @@ def build(model_path: Path, board_name: str, out_dir: Path | None, variant: str 
     """Generate the firmware project for a model and board, build it with PlatformIO, and show its memory use."""
     from tinylstm import firmware
 
-    project, plan = _firmware_project(model_path, board_name, out_dir, variant)
-    try:
-        result = firmware.build(project)
-    except firmware.FirmwareError as e:
-        raise click.ClickException(str(e)) from None
+    project, plan, result = _build_firmware(model_path, board_name, out_dir, variant)
     flash, ram = firmware.predicted_sizes(plan)
     click.echo(f"built {result.elf} with {result.compiler} ({project.variant} kernel)")
     click.echo(f"{'':6} {'linker':>10} {'planner':>10} {'board':>10}")
@@ -470,24 +473,27 @@ def flash(model_path: Path | None, board_name: str | None, port: str | None, out
           stop: bool, variant: str | None) -> None:
     """Build and flash a model. An emulated board starts in the background and the serial URL is printed."""
     from tinylstm import firmware
+    from tinylstm.boards import BoardError
 
     if stop:
-        stopped = firmware.stop_emulators(board_name)
+        try:
+            stopped = firmware.stop_emulators(board_name)
+        except BoardError as e:
+            raise click.ClickException(str(e)) from None
         for emulator in stopped:
             click.echo(f"stopped {emulator.board.name} (pid {emulator.pid})")
         if not stopped:
-            click.echo("no emulator running")
+            click.echo("no emulator started by tinylstm flash is running")
         return
     if model_path is None or board_name is None:
         raise click.UsageError("--model and --board are required (or --stop)")
-    project, _ = _firmware_project(model_path, board_name, out_dir, variant)
+    project, _, result = _build_firmware(model_path, board_name, out_dir, variant, port)
     try:
-        if project.board.emulated and port is not None:
-            raise firmware.FirmwareError(f"{project.board.name} is emulated; it gets its own port (drop --port)")
-        if port is not None:
-            firmware.check_port(port)
-        result = firmware.build(project)
         if project.board.emulated:
+            running = firmware.running_firmware(project.board, result.elf)
+            if running is not None:
+                click.echo(f"note: {project.board.name} is already running this firmware (pid {running.pid}, "
+                           f"serial port {running.url}); starting another", err=True)
             emulator = firmware.start_emulator(project.board, result.elf, detach=True)
             click.echo(f"{project.board.name} running {result.elf} (pid {emulator.pid})")
             click.echo(f"serial port: {emulator.url}")

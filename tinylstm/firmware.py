@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import ctypes
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -35,7 +36,7 @@ import jinja2
 import numpy as np
 
 from tinylstm import export
-from tinylstm.boards import Board, load_board
+from tinylstm.boards import Board, BoardError, load_board
 from tinylstm.budget import Plan, PlanError, plan
 from tinylstm.export import ModelShape
 from tinylstm.qmodel import QuantizedModel
@@ -403,6 +404,17 @@ def generate_project(models: QuantizedModel | Sequence[QuantizedModel], board: B
     return Project(out_dir, board, prefixes, digests, variant)
 
 
+@contextlib.contextmanager
+def project_lock(out_dir: Path) -> Iterator[None]:
+    """An exclusive lock on a project directory, held while it is generated and built, so that two commands
+    given the same directory take turns instead of replacing it under each other."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _platform_spec(board: Board) -> str:
     local = PLATFORMS_DIR / board.platformio.platform
     return f"symlink://{local}" if local.is_dir() else board.platformio.platform
@@ -614,6 +626,7 @@ class Emulator:
     directory: Path
     cycle_log: Path | None = None  # simavr: the harness's own cycle counts between markers
     process: subprocess.Popen | None = field(default=None, repr=False)
+    detached: bool = False  # started by `tinylstm flash`, running on its own until `tinylstm flash --stop`
 
     def __enter__(self) -> Emulator:
         return self
@@ -730,6 +743,7 @@ def start_emulator(board: Board | str, elf: Path, *, detach: bool = False, timeo
     if board.emulator is not None and board.emulator.kind == "simavr":
         prepare_toolchain(emulator="simavr")
     run_dir().mkdir(parents=True, exist_ok=True)
+    running_emulators()  # clears the run directories of emulators whose process is gone
     for attempt in range(3):
         directory = Path(tempfile.mkdtemp(prefix=f"{board.name}-", dir=run_dir()))
         cmd, url = emulator_command(board, elf, directory)
@@ -739,9 +753,12 @@ def start_emulator(board: Board | str, elf: Path, *, detach: bool = False, timeo
                                        start_new_session=True, preexec_fn=None if detach else _die_with_parent)
         emulator = Emulator(board, elf, process.pid, url, directory,
                             directory / "cycles.log" if board.emulator.kind == "simavr" else None,
-                            None if detach else process)
-        (directory / "pid").write_text(f"{process.pid}\n")
+                            None if detach else process, detach)
+        (directory / "elf").write_text(f"{elf}\n{_file_digest(elf)}\n")
+        if detach:
+            (directory / "detached").touch()
         (directory / "url").write_text(url + "\n")
+        (directory / "pid").write_text(f"{process.pid}\n")  # last: a directory with a pid file is complete
         if not detach:
             _ATTACHED.add(emulator)
         ready = "uart: " if board.emulator.kind == "simavr" else "waiting for connection"
@@ -768,22 +785,43 @@ def running_emulators() -> list[Emulator]:
         try:
             pid = int((directory / "pid").read_text())
             url = (directory / "url").read_text().strip()
+            elf = Path((directory / "elf").read_text().splitlines()[0])
             board = load_board(directory.name.rsplit("-", 1)[0])
-        except (OSError, ValueError):
+        except (OSError, ValueError, IndexError):
             continue
         if _pid_alive(pid, directory):
-            found.append(Emulator(board, Path(), pid, url, directory))
+            found.append(Emulator(board, elf, pid, url, directory, detached=(directory / "detached").exists()))
         else:
             shutil.rmtree(directory, ignore_errors=True)
     return found
 
 
+def running_firmware(board: Board, elf: Path) -> Emulator | None:
+    """A detached emulator of ``board`` already running the same firmware (by content), if any."""
+    digest = _file_digest(elf)
+    for emulator in running_emulators():
+        if emulator.detached and emulator.board.name == board.name:
+            with contextlib.suppress(OSError, IndexError):
+                if (emulator.directory / "elf").read_text().splitlines()[1] == digest:
+                    return emulator
+    return None
+
+
 def stop_emulators(board: str | None = None) -> list[Emulator]:
-    """Stop every running emulator (of ``board`` if given); returns those stopped."""
-    stopped = [e for e in running_emulators() if board is None or e.board.name == board]
+    """Stop the emulators that ``tinylstm flash`` started (of ``board`` if given); returns those stopped.
+
+    Emulators that a running bench, run or demo started are theirs to stop: they end with that process.
+    """
+    if board is not None:
+        load_board(board)  # an unknown name is an error, not "nothing running"
+    stopped = [e for e in running_emulators() if e.detached and (board is None or e.board.name == board)]
     for emulator in stopped:
         emulator.stop()
     return stopped
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -839,7 +877,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         else:
             for emulator in stop_emulators(args.board):
                 print(f"stopped {emulator.board.name} (pid {emulator.pid})")
-    except FirmwareError as e:
+    except (FirmwareError, BoardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

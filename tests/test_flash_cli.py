@@ -1,0 +1,83 @@
+"""`tinylstm flash` as users run it, in subprocesses: concurrent flashes of one model, `--stop` stopping only what
+flash started, a second flash told that the firmware already runs, and bad names and ports refused in one line
+with nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.random_models import random_model
+from tinylstm import firmware, qmodel
+
+
+def tinylstm(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tinylstm.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def small_model(directory: Path) -> Path:
+    return qmodel.save(random_model(3, layers=1, input_size=2, hidden_sizes=(4,), window=3, outputs=2),
+                       directory / "m.npz")
+
+
+def test_stop_with_an_unknown_board_is_a_one_line_error(tmp_path):
+    result = tinylstm("flash", "--stop", "--board", "foo", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
+    assert "unknown board 'foo'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_bad_port_leaves_no_project_behind(tmp_path):
+    model = small_model(tmp_path)
+    result = tinylstm("flash", "--model", str(model), "--board", "uno", "--port", "/dev/tinylstm-no-such-port",
+                      cwd=tmp_path)
+    assert result.returncode == 1 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]
+
+
+@pytest.mark.slow
+def test_concurrent_flashes_and_stop_only_what_flash_started(tmp_path):
+    model = small_model(tmp_path)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: tinylstm("flash", "--model", str(model), "--board", "uno_sim",
+                                                   cwd=tmp_path), range(4)))
+    for result in results:
+        assert result.returncode == 0, result.stderr
+    assert sum("already running this firmware" in r.stderr for r in results) >= 1
+
+    # An emulator that another command (a bench, a run) started and owns: flash --stop must leave it alone.
+    elf = next(tmp_path.glob("tinylstm-firmware/uno_sim-*/.pio/build/*/firmware.elf"))
+    owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from tinylstm import firmware
+        emulator = firmware.start_emulator("uno_sim", {str(elf)!r})
+        print(emulator.pid, flush=True)
+        time.sleep(120)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        owned_pid = int(owner.stdout.readline())
+        stopped = tinylstm("flash", "--stop", "--board", "uno_sim", cwd=tmp_path)
+        assert stopped.returncode == 0 and stopped.stdout.count("stopped uno_sim") == 4, stopped.stdout
+        os.kill(owned_pid, 0)  # still running
+        assert [e.pid for e in firmware.running_emulators()] == [owned_pid]
+    finally:
+        owner.send_signal(signal.SIGKILL)  # as a crashed bench would die
+        owner.wait()
+
+    # The owner's emulator dies with it and leaves its run directory; the next start clears it.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and Path(f"/proc/{owned_pid}").exists():
+        time.sleep(0.1)
+    assert not Path(f"/proc/{owned_pid}").exists()
+    assert len(list(firmware.run_dir().iterdir())) == 1
+    with firmware.start_emulator("uno_sim", elf):
+        names = [p.name for p in firmware.run_dir().iterdir()]
+        assert len(names) == 1, names
