@@ -236,11 +236,20 @@ class HILClient:
 
     @staticmethod
     def _open(url: str, baudrate: int, ready_timeout: float) -> serial.SerialBase:
+        """Open the port for this client alone. A port that is missing is retried until ``ready_timeout`` (USB
+        ports appear late); a malformed URL, a busy port and a refused socket fail at once."""
         deadline = time.monotonic() + ready_timeout
         while True:
             try:
-                return serial.serial_for_url(url, baudrate=baudrate, timeout=0.05, write_timeout=5)
-            except (serial.SerialException, OSError, ValueError) as e:
+                return serial.serial_for_url(url, baudrate=baudrate, timeout=0.05, write_timeout=5, exclusive=True)
+            except ValueError as e:
+                raise HILError(f"cannot open serial port {url}: {e}") from None
+            except (serial.SerialException, OSError) as e:
+                text = str(e)
+                if "exclusively lock" in text or "Resource temporarily unavailable" in text:
+                    raise HILError(f"serial port {url} is busy: another program has it open") from None
+                if "Connection refused" in text or "Name or service not known" in text:
+                    raise HILError(f"cannot open serial port {url}: nothing is listening there") from None
                 if time.monotonic() >= deadline:
                     raise HILError(f"cannot open serial port {url}: {e}") from None
                 time.sleep(0.1)
@@ -278,6 +287,16 @@ class HILClient:
         except (serial.SerialException, OSError) as e:
             raise HILError(f"writing to {self.url} failed: {e}") from None
 
+    def _drain(self) -> None:
+        """Discard whatever arrived unasked: replies to abandoned requests, error frames for earlier garbage."""
+        try:
+            while self.port.in_waiting:
+                self._buffer += self.port.read(self.port.in_waiting)
+        except (serial.SerialException, OSError) as e:
+            raise HILError(f"reading from {self.url} failed: {e}") from None
+        for _ in self._frames(0):
+            pass
+
     def _frames(self, timeout: float) -> Iterator[Frame]:
         """Valid frames as they arrive within ``timeout`` seconds; broken ones are skipped."""
         deadline = time.monotonic() + timeout
@@ -303,7 +322,9 @@ class HILClient:
         """Send one request and return the reply's payload; raise DeviceError for an error frame."""
         timeout = self.timeout if timeout is None else timeout
         attempts = 1 + (self.retries if idempotent else 0)
+        garbled = None  # an unsequenced error frame seen while waiting: perhaps for this request, perhaps older
         for _ in range(attempts):
+            self._drain()
             sequence = self._next_sequence()
             self._send(command, sequence, payload)
             for frame in self._frames(timeout):
@@ -313,11 +334,13 @@ class HILClient:
                     code, failed = frame.payload[0], frame.payload[1]
                     if frame.sequence == sequence:
                         raise DeviceError(code, failed)
-                    if frame.sequence == 0 and not idempotent:
-                        # The request arrived garbled; re-sending a STEP/RUN chunk could apply it twice.
-                        raise DeviceError(code, command)
+                    if frame.sequence == 0 and idempotent:
+                        break  # re-sending is harmless
                     if frame.sequence == 0:
-                        break
+                        garbled = code  # keep waiting: the reply to this request may still come
+        if garbled is not None:
+            # No reply came: the request itself arrived garbled. Re-sending a STEP/RUN chunk could apply it twice.
+            raise DeviceError(garbled, command)
         raise HILTimeout(f"no reply to command 0x{command:02x} from {self.url} within {timeout:.1f} s "
                          f"({attempts} attempt{'s' if attempts > 1 else ''})")
 
