@@ -108,3 +108,11 @@ def test_a_model_file_with_a_mistyped_field_is_a_one_line_error(tmp_path, where,
     result = tinylstm(*command, "--model", str(bad), cwd=tmp_path)
     assert_one_line_error(result, str(bad), key)
     assert not (tmp_path / "gen").exists()
+
+
+def test_search_offers_the_fillna_its_data_error_names(tmp_path):
+    (tmp_path / "s.csv").write_text("v\n" + "".join(f"{i % 7}\n" if i != 50 else "nan\n" for i in range(300)))
+    result = tinylstm("search", "s.csv", "--task", "forecasting", "--target", "v", "--board", "uno", "--hidden", "4",
+                      "--layers", "1", "--window", "8", "--out", "o", "--no-verify", cwd=tmp_path)
+    assert_one_line_error(result, "NaN", "--fillna")
+    assert "--fillna [none|ffill|linear|zero]" in tinylstm("search", "--help", cwd=tmp_path).stdout

@@ -738,6 +738,8 @@ def _list(text: str | None, kind: type, option: str) -> list[Any] | None:
 @click.option("--features", help="CSV feature columns, comma-separated.")
 @click.option("--target", help="Forecasting/anomaly: the CSV column to predict.")
 @click.option("--label", help="Classification: the CSV label column.")
+@click.option("--fillna", type=click.Choice(["none", "ffill", "linear", "zero"]), default="none", show_default=True,
+              help="What to do with NaN/inf values (none: refuse the data).")
 @click.option("--board", required=True, help="The board every candidate must fit (see `tinylstm boards`).")
 @click.option("--hidden", help="Hidden sizes to try, comma-separated [default: 4,6,8,...,128].")
 @click.option("--layers", default="1,2,3", show_default=True, help="Layer counts to try.")
@@ -765,10 +767,10 @@ def _list(text: str | None, kind: type, option: str) -> list[Any] | None:
 @click.option("--resume", is_flag=True, help="Continue the search in --out, running only unfinished trials.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the report.")
 def search(data: Path | None, dataset: str | None, task: str | None, features: str | None, target: str | None,
-           label: str | None, board: str, hidden: str | None, layers: str, window: str | None, stride: str | None,
-           lr: str | None, epochs: int | None, budget_trials: int | None, objective: str, calibration: tuple[Path, ...],
-           variant: str | None, address: str | None, cpus: int, retries: int, no_early_stop: bool, verify: bool,
-           seed: int, out_dir: Path, resume: bool, as_json: bool) -> None:
+           label: str | None, fillna: str, board: str, hidden: str | None, layers: str, window: str | None,
+           stride: str | None, lr: str | None, epochs: int | None, budget_trials: int | None, objective: str,
+           calibration: tuple[Path, ...], variant: str | None, address: str | None, cpus: int, retries: int,
+           no_early_stop: bool, verify: bool, seed: int, out_dir: Path, resume: bool, as_json: bool) -> None:
     """Find the best LSTM that fits the board: prune with the planner, train the rest on Ray, recommend one."""
     import json
 
@@ -790,7 +792,7 @@ def search(data: Path | None, dataset: str | None, task: str | None, features: s
     project = sr.project_sections(
         dataset, str(data.resolve()) if data else None,
         data={"features": features.split(",") if features else None, "window": windows[0] if windows else None,
-              "stride": strides[0] if strides else None, "seed": seed},
+              "stride": strides[0] if strides else None, "seed": seed, "fillna": fillna},
         task={"kind": task, "label": label, "target": target}, train={"epochs": epochs, "seed": seed})
     settings = sr.SearchSettings(board=board, project=project, space=space, objective=objective,
                                  budget_trials=budget_trials, seed=seed, early_stop=not no_early_stop, retries=retries,

@@ -197,7 +197,6 @@ def make_config(raw: dict[str, Any], command: str, base_dir: Path = Path(".")) -
         raise PipelineError(f"[model] hidden lists {len(model['hidden'])} layers; 1 to {MAX_LAYERS} are supported")
     if data["features"] is not None and not all(isinstance(f, str) for f in data["features"]):
         raise PipelineError("[data] features must be a list of column names")
-    _check_board(sections["board"]["name"], sections["bench"]["port"])
     return Config(sections, command)
 
 
@@ -759,6 +758,7 @@ def run(config: Config, out_dir: str | Path, reporter: Reporter | None = None) -
     """
     out_dir = Path(out_dir).resolve()
     reporter = reporter or Reporter()
+    _check_board(config["board"]["name"], config["bench"]["port"])
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out_dir)
     foreign = _foreign(out_dir, manifest)
