@@ -116,3 +116,23 @@ def test_search_offers_the_fillna_its_data_error_names(tmp_path):
                       "--layers", "1", "--window", "8", "--out", "o", "--no-verify", cwd=tmp_path)
     assert_one_line_error(result, "NaN", "--fillna")
     assert "--fillna [none|ffill|linear|zero]" in tinylstm("search", "--help", cwd=tmp_path).stdout
+
+
+def _csv(path: Path, labels: list[str], values: list[str] | None = None) -> Path:
+    values = values or [f"{(i * 37) % 11}" for i in range(len(labels))]
+    path.write_text("x,y\n" + "".join(f"{v},{label}\n" for v, label in zip(values, labels, strict=True)))
+    return path
+
+
+@pytest.mark.parametrize(("labels", "values", "words"), [
+    ([f"{0.5 + i * 0.37:.2f}" for i in range(300)], None, ["fractional numbers", "300 distinct values"]),
+    (["a", "b"] * 100 + [""] + ["a", "b"] * 49, None, ["label 201 is empty"]),
+    (["a", "b"] * 100 + ["nan"] + ["a", "b"] * 49, None, ["label 201 is 'nan'"]),
+    (["a", "b"] * 150, [str(i % 5) for i in range(299)] + ["1e300"], ["1e+300", "float32"]),
+])
+def test_training_data_that_makes_no_sense_is_refused(tmp_path, labels, values, words):
+    data = _csv(tmp_path / "d.csv", labels, values)
+    result = tinylstm("train", str(data), "--task", "classification", "--label", "y", "--window", "4",
+                      "--hidden", "4", "--epochs", "1", "--out", "m.pt", cwd=tmp_path)
+    assert_one_line_error(result, *words)
+    assert not (tmp_path / "m.pt").exists()

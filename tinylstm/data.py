@@ -18,6 +18,7 @@ import numpy as np
 TASKS = ("classification", "forecasting", "anomaly")
 NORMS = ("zscore", "minmax", "none")
 FILLNA = ("none", "ffill", "linear", "zero")
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # training runs in float32
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
@@ -252,6 +253,11 @@ def _numeric_column(path: Path, rows: list[list[str]], col: int, name: str) -> n
 def fill_missing(values: np.ndarray, names: list[str], how: str, where: str) -> np.ndarray:
     """Check a [T, F] series for NaN/inf; fill them as `how` says, or raise DataError naming the first one."""
     values = np.array(values, dtype=np.float64)
+    huge = np.isfinite(values) & (np.abs(values) > FLOAT32_MAX)
+    if huge.any():
+        t, f = np.argwhere(huge)[0]
+        raise DataError(f"{where}: column {names[f]!r} has the value {values[t, f]:g} at {_row_name(where, int(t))}, "
+                        f"beyond float32's range (|x| <= {FLOAT32_MAX:.3g}) that training uses")
     bad = ~np.isfinite(values)
     if not bad.any():
         return values
@@ -393,7 +399,18 @@ def _gather(series: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
 
 
 def _classes(labels: list[Any], where: str) -> list[str]:
-    classes = sorted({str(v) for v in labels}, key=_natural_key)
+    """The sorted class names of ``labels``; a missing label, or numbers that are not whole (a measurement, not a
+    class), is a DataError."""
+    texts = [str(v).strip() for v in labels]
+    for n, text in enumerate(texts):
+        if text.lower() in ("", "nan", "none", "null"):
+            what = repr(text) if text else "empty"
+            raise DataError(f"{where}: label {n + 1} is {what}; every window needs a class")
+    numbers = [_natural_key(t)[1] for t in texts if _natural_key(t)[0] == 0]
+    if len(numbers) == len(texts) and any(not math.isfinite(x) or not x.is_integer() for x in numbers):
+        raise DataError(f"{where} holds fractional numbers ({len(set(texts))} distinct values), not classes; "
+                        "use class names or whole-number codes, or a forecasting task for a numeric target")
+    classes = sorted(set(texts), key=_natural_key)
     if len(classes) < 2:
         raise DataError(f"{where} has a single class ({classes[0]!r}); classification needs at least two")
     return classes
