@@ -136,3 +136,55 @@ def test_training_data_that_makes_no_sense_is_refused(tmp_path, labels, values, 
                       "--hidden", "4", "--epochs", "1", "--out", "m.pt", cwd=tmp_path)
     assert_one_line_error(result, *words)
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """Two small forecasting checkpoints of different shapes, and the quantized model of the first."""
+    directory = tmp_path_factory.mktemp("checkpoints")
+    for name, hidden in (("a", "4"), ("b", "6")):
+        result = tinylstm("train", "--dataset", "taylor_demand", "--window", "8", "--hidden", hidden, "--epochs", "1",
+                          "--out", f"{name}.pt", "--quiet", cwd=directory)
+        assert result.returncode == 0, result.stderr
+    result = tinylstm("quantize", "a.pt", "--out", "a.npz", cwd=directory)
+    assert result.returncode == 0, result.stderr
+    return directory
+
+
+def test_evaluate_with_a_model_from_another_checkpoint_is_a_one_line_error(two_checkpoints):
+    result = tinylstm("evaluate", "b.pt", "a.npz", cwd=two_checkpoints)
+    assert_one_line_error(result, "not made from this checkpoint", "hidden [4]", "hidden [6]")
+
+
+def test_quantize_of_a_diverged_checkpoint_is_a_one_line_error(two_checkpoints, tmp_path):
+    import torch
+
+    from tinylstm import train as tr
+
+    checkpoint = tr.load_checkpoint(two_checkpoints / "a.pt")
+    with torch.no_grad():
+        next(checkpoint.model.parameters()).fill_(float("inf"))
+    tr.save_checkpoint(checkpoint, tmp_path / "diverged.pt")
+    result = tinylstm("quantize", "diverged.pt", "--out", "d.npz", "--json", cwd=tmp_path)
+    assert_one_line_error(result, "not finite", "diverged")
+    assert not (tmp_path / "d.npz").exists()
+
+
+def test_training_that_diverges_writes_no_checkpoint(tmp_path):
+    result = tinylstm("train", "--dataset", "taylor_demand", "--window", "8", "--hidden", "4", "--epochs", "2",
+                      "--lr", "1e30", "--clip-norm", "1e30", "--out", "x.pt", "--json", cwd=tmp_path)
+    assert_one_line_error(result, "training diverged", "--lr")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_json_reports_stay_valid_json_with_non_finite_figures(capsys):
+    import json
+
+    from tinylstm.cli import _emit
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"invalid JSON constant {name}")
+
+    _emit({"loss": float("inf"), "history": [1.0, float("nan")], "nested": {"rmse": float("-inf")}}, True, "", False)
+    assert json.loads(capsys.readouterr().out, parse_constant=no_constants) == {
+        "loss": None, "history": [1.0, None], "nested": {"rmse": None}}

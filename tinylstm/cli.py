@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -68,11 +69,22 @@ def _export_arduino(model_path: Path, out_dir: Path, prefix: str, force: bool) -
         raise click.ClickException(f"cannot write {out_dir}: {e}") from None
 
 
+def _strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by null, so that the output is valid JSON (RFC 8259)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    return value
+
+
 def _emit(report: dict[str, Any], as_json: bool, text: str, quiet: bool) -> None:
     import json
 
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(_strict_json(report), indent=2, allow_nan=False))
     elif not quiet:
         click.echo(text)
 
@@ -176,6 +188,9 @@ def train(data: Path | None, dataset: str | None, task: str | None, features: st
         with _epoch_bar(epochs, "training", not (quiet or as_json)) as bar:
             checkpoint, result = tr.train_model(ds, sizes, train_config, threshold_margin=threshold_margin,
                                                 on_epoch=(lambda log: bar.update(1, log)) if bar else None)
+        if not math.isfinite(result.best_val_loss):
+            raise tr.TrainError(f"training diverged (the validation loss never became a finite number); no "
+                                f"checkpoint written: lower --lr (now {lr:g}) or --clip-norm (now {clip_norm:g})")
         if plan is not None:
             checkpoint.extra["board"] = {"name": board, "verdict": plan.verdict, "per_channel": per_channel}
         tr.save_checkpoint(checkpoint, out)

@@ -186,9 +186,23 @@ class Comparison:
         return line
 
 
+def check_pair(model: LSTMModel, qmodel: QuantizedModel) -> None:
+    """Raise EvaluateError unless ``qmodel`` has the shape of ``model`` (was quantized from such a checkpoint)."""
+    config = model.config
+    float_shape = (config.input_size, list(config.hidden_sizes), config.outputs, config.window)
+    int_shape = (qmodel.input.features, [layer.hidden_size for layer in qmodel.layers], qmodel.output_size,
+                 qmodel.input.window)
+    if float_shape != int_shape:
+        def describe(shape: tuple) -> str:
+            return f"input {shape[0]}, hidden {shape[1]}, outputs {shape[2]}, window {shape[3]}"
+        raise EvaluateError(f"the quantized model ({describe(int_shape)}) was not made from this checkpoint "
+                            f"({describe(float_shape)})")
+
+
 def compare(model: LSTMModel, qmodel: QuantizedModel, dataset: Dataset, split: Split,
             fp32_threshold: float | None = None, int8_threshold: float | None = None) -> Comparison:
     """FP32 (PyTorch) against INT8 (integer reference) on one split."""
+    check_pair(model, qmodel)
     f = metrics(dataset.task, fp32_outputs(model, dataset, split), dataset, split, fp32_threshold)
     q = metrics(dataset.task, int8_outputs(qmodel, dataset, split), dataset, split, int8_threshold)
     return Comparison(dataset.task, f, q)

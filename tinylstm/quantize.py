@@ -318,6 +318,9 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, *, qat_epoc
     float one, on the known-normal validation windows. The gap and everything a device or HIL tool needs to
     interpret the output (task, classes, target normalisation, threshold) go into the model's ``meta``.
     """
+    if not all(torch.isfinite(p).all() for p in checkpoint.model.parameters()):
+        raise QuantizeError("the checkpoint's weights are not finite numbers: its training diverged; train again "
+                            "with a lower learning rate (--lr) or a smaller --clip-norm")
     dataset = dataset or checkpoint.dataset()
     model = checkpoint.model
     qat = None
