@@ -188,3 +188,15 @@ def test_json_reports_stay_valid_json_with_non_finite_figures(capsys):
     _emit({"loss": float("inf"), "history": [1.0, float("nan")], "nested": {"rmse": float("-inf")}}, True, "", False)
     assert json.loads(capsys.readouterr().out, parse_constant=no_constants) == {
         "loss": None, "history": [1.0, None], "nested": {"rmse": None}}
+
+
+def test_a_window_beyond_the_protocols_16_bits_is_refused_before_building(tmp_path):
+    from tests.random_models import random_model
+    from tinylstm import qmodel
+
+    model = random_model(2, layers=1, input_size=2, hidden_sizes=(4,), window=4)
+    model.input.window = 10**9
+    qmodel.save(model, tmp_path / "long.npz")
+    result = tinylstm("build", "--model", "long.npz", "--board", "mps2_an386", cwd=tmp_path)
+    assert_one_line_error(result, "1,000,000,000 steps", "16-bit")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.npz"]

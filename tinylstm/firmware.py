@@ -52,6 +52,7 @@ REAL_BOARD_BAUD = 115200
 SIMAVR_BAUD = 1_000_000  # simavr times the UART by its baud rate: faster links, shorter tests
 # Largest request payload (a STEP or RUN chunk) the firmware accepts, per code-generation family.
 MAX_PAYLOAD = {"avr": 128, "arm": 1024, "xtensa": 1024, "riscv": 1024}
+HIL_MAX_WINDOW = 0xFFFF  # the INFO reply and RUN step counts carry the window in 16 bits (docs/hil-protocol.md)
 # UART driver of each QEMU machine.
 QEMU_SERIAL = {"mps2-an385": "serial_cmsdk.c", "mps2-an386": "serial_cmsdk.c", "mps2-an500": "serial_cmsdk.c",
                "netduinoplus2": "serial_stm32.c"}
@@ -338,6 +339,10 @@ def generate_project(models: QuantizedModel | Sequence[QuantizedModel], board: B
     prefixes = list(prefixes) if prefixes is not None else default_prefixes(models)
     if len(prefixes) != len(models) or len(set(prefixes)) != len(prefixes):
         raise FirmwareError("give one distinct prefix per model")
+    for model in models:
+        if model.input.window > HIL_MAX_WINDOW:
+            raise FirmwareError(f"model {model.name}: a window of {model.input.window:,} steps exceeds the HIL "
+                                f"protocol's 16-bit window field (at most {HIL_MAX_WINDOW:,})")
     digests = [m.digest() for m in models]
     if len(set(digests)) != len(digests):
         raise FirmwareError("the same model appears twice; the device selects models by hash")
@@ -408,9 +413,10 @@ def generate_project(models: QuantizedModel | Sequence[QuantizedModel], board: B
 def project_lock(out_dir: Path) -> Iterator[None]:
     """An exclusive lock on a project directory, held while it is generated and built, so that two commands
     given the same directory take turns instead of replacing it under each other."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(str(Path(out_dir).resolve()).encode()).hexdigest()[:16]
+    with open(locks / f"project-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
