@@ -19,9 +19,10 @@ from tests.random_models import random_model
 from tinylstm import firmware, qmodel
 
 
-def tinylstm(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+def tinylstm(*args: str, cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tinylstm.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def small_model(directory: Path) -> Path:
@@ -84,3 +85,16 @@ def test_concurrent_flashes_and_stop_only_what_flash_started(tmp_path):
     assert len(left_behind()) == 1
     with firmware.start_emulator("uno_sim", elf):
         assert left_behind() == []
+
+
+@pytest.mark.slow
+def test_a_real_board_without_registry_access_says_what_failed_and_where_the_project_is(tmp_path):
+    """The registry made unreachable by a proxy on a closed local port, so the stock platform cannot download."""
+    model = small_model(tmp_path)
+    dead_proxy = {name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
+    result = tinylstm("build", "--model", str(model), "--board", "uno", "--out", "project", cwd=tmp_path,
+                      env=dead_proxy)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "downloading the PlatformIO platform 'atmelavr'" in result.stderr
+    assert f"pio run -d {Path('project')}" in result.stderr
+    assert (tmp_path / "project" / "platformio.ini").is_file()  # the project stays, for a machine with internet

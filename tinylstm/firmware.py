@@ -535,6 +535,11 @@ def build(project: Project, *, timeout: float = 600) -> BuildResult:
     except subprocess.TimeoutExpired:
         raise FirmwareError(f"pio run did not finish within {timeout:.0f} s in {project.path}") from None
     log = result.stdout + result.stderr
+    if result.returncode != 0 and not offline and re.search(r"HTTPClientError|ConnectionError|Max retries", log):
+        raise FirmwareError(
+            f"downloading the PlatformIO platform '{board.platformio.platform}' for {board.name} failed: the "
+            f"PlatformIO registry cannot be reached from here. The generated project is in {project.path}; build "
+            f"it on a machine with internet access: pio run -d {project.path} (-t upload to flash)")
     if result.returncode != 0:
         raise FirmwareError(f"pio run failed for {board.name}: {_first_error(log)} (project: {project.path})")
     return BuildResult(project, project.elf, elf_sizes(project.elf, board), _compiler_version(board), log)
