@@ -89,11 +89,11 @@ def _bench_header(model: QuantizedModel, window: np.ndarray) -> str:
 
 def _write_sources(model: QuantizedModel, variant: str, window: np.ndarray, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    files = {**render_c(model, PREFIX, variant), **kernel_sources(variant),
-             "bench_model.h": _bench_header(model, window)}
+    kernel = kernel_sources(variant)
+    files = {**render_c(model, PREFIX, variant), **kernel, "bench_model.h": _bench_header(model, window)}
     for name, text in files.items():
         (directory / name).write_text(text)
-    return [directory / f"{PREFIX}.c", directory / "tinylstm_kernel.c"]
+    return [directory / f"{PREFIX}.c", *(directory / name for name in kernel if name.endswith(".c"))]
 
 
 def _run(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
@@ -157,20 +157,55 @@ def _cached_tool(source_name: str, binary: Path, flags: list[str], what: str) ->
     return binary
 
 
-def _build_bench(model: QuantizedModel, variant: str, window: np.ndarray, directory: Path, main_source: str,
-                 compile_command: list[str], link_flags: list[str], size_tool: str) -> tuple[Path, int]:
-    """Compile the model, its kernel and the benchmark main, and link them into ``directory/bench.elf``."""
-    sources = _write_sources(model, variant, window, directory)
-    shutil.copy(BENCH_DIR / main_source, directory / main_source)
-    common = [*compile_command, "-ffunction-sections", "-fdata-sections", f"-I{directory}"]
+def _compile_and_link(sources: list[Path], directory: Path, compile_command: list[str], link_flags: list[str],
+                      include_dirs: tuple[Path, ...] = ()) -> tuple[Path, list[Path]]:
+    """Compile ``sources`` (with ``directory`` and ``include_dirs`` on the include path) and link them into
+    ``directory/bench.elf``; returns the ELF and the objects, in the order of ``sources``."""
+    common = [*compile_command, "-ffunction-sections", "-fdata-sections", f"-I{directory}",
+              *(f"-I{d}" for d in include_dirs)]
     objects = []
-    for source in [*sources, directory / main_source]:
-        obj = source.with_suffix(".o")
+    for source in sources:
+        obj = directory / f"{source.stem}.o"
         _run([*common, "-c", str(source), "-o", str(obj)], f"compiling {source.name}", text=True)
         objects.append(obj)
     elf = directory / "bench.elf"
     _run([*common, *link_flags, *map(str, objects), "-o", str(elf)], "linking", text=True)
-    return elf, _text_size(objects[:2], size_tool)
+    return elf, objects
+
+
+def _copy_bench_files(names: tuple[str, ...], directory: Path) -> list[Path]:
+    """Copy benchmark files of firmware_templates/bench into ``directory``; returns the copied C sources."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(BENCH_DIR / name, directory / name)
+    return [directory / name for name in names if name.endswith(".c")]
+
+
+def _build_bench(model: QuantizedModel, variant: str, window: np.ndarray, directory: Path,
+                 bench_files: tuple[str, ...], compile_command: list[str], link_flags: list[str], size_tool: str
+                 ) -> tuple[Path, int]:
+    """Compile the model, its kernel and the benchmark main, and link them into ``directory/bench.elf``."""
+    sources = _write_sources(model, variant, window, directory)
+    elf, objects = _compile_and_link([*sources, *_copy_bench_files(bench_files, directory)], directory,
+                                     compile_command, link_flags)
+    return elf, _text_size(objects[:len(sources)], size_tool)
+
+
+# The QEMU benchmark run-time (start-up, marks, semihosting output) every Cortex-M benchmark main links.
+ARM_RUNTIME = ("bench_cortexm.h", "bench_cortexm_runtime.c")
+
+
+def _arm_link_flags(board: Board, directory: Path) -> list[str]:
+    """Link flags for a Cortex-M benchmark firmware, with the board's memory map (the HIL firmware's script)."""
+    from tinylstm.firmware import FirmwareError, linker_script
+
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        (directory / "cortexm.ld").write_text(linker_script(board))
+    except FirmwareError as e:
+        raise PerfError(str(e)) from None
+    return ["-nostartfiles", "--specs=nano.specs", "--specs=nosys.specs", "-Wl,--gc-sections",
+            f"-T{directory / 'cortexm.ld'}"]
 
 
 def plugin_path(cache: Path) -> Path:
@@ -178,14 +213,18 @@ def plugin_path(cache: Path) -> Path:
     return _cached_tool("qemu_insn_count.c", cache / "qemu_insn_count.so", ["-shared", "-fPIC"], "plugin build")
 
 
-def build_arm(model: QuantizedModel, variant: str, window: np.ndarray, directory: Path,
-              target_flags: tuple[str, ...] = ("-mcpu=cortex-m4",), flags: tuple[str, ...] = ARM_FLAGS
-              ) -> tuple[Path, int]:
-    """The QEMU benchmark firmware for ``model``; returns the ELF and the .text of model and kernel code."""
-    link = ["-nostartfiles", "--specs=nano.specs", "--specs=nosys.specs", "-Wl,--gc-sections",
-            f"-T{BENCH_DIR / 'cortexm.ld'}"]
-    return _build_bench(model, variant, window, directory, "bench_cortexm.c",
-                        [ARM_GCC, *WARNINGS, *target_flags, *flags], link, "arm-none-eabi-size")
+def arm_target_flags(board: Board) -> tuple[str, ...]:
+    """The board's code-generation flags less -mthumb, which ARM_FLAGS gives."""
+    return tuple(f for f in board.gcc_target_flags if f != "-mthumb")
+
+
+def build_arm(model: QuantizedModel, variant: str, window: np.ndarray, directory: Path, board: Board,
+              flags: tuple[str, ...] = ARM_FLAGS) -> tuple[Path, int]:
+    """The QEMU benchmark firmware for ``model`` on ``board``; returns the ELF and the .text of model and kernel
+    code."""
+    return _build_bench(model, variant, window, directory, ("bench_cortexm.c", *ARM_RUNTIME),
+                        [ARM_GCC, *WARNINGS, *arm_target_flags(board), *flags], _arm_link_flags(board, directory),
+                        "arm-none-eabi-size")
 
 
 def symbol_address(elf: Path, symbol: str, nm: str = "arm-none-eabi-nm") -> int:
@@ -224,7 +263,7 @@ def build_avr(model: QuantizedModel, variant: str, window: np.ndarray, directory
               target_flags: tuple[str, ...] = ("-mmcu=atmega328p",), flags: tuple[str, ...] = AVR_FLAGS
               ) -> tuple[Path, int]:
     """The simavr benchmark firmware for ``model``; returns the ELF and the .text of model and kernel code."""
-    return _build_bench(model, variant, window, directory, "bench_avr.c",
+    return _build_bench(model, variant, window, directory, ("bench_avr.c",),
                         [AVR_GCC, *WARNINGS, *target_flags, *flags], ["-Wl,--gc-sections"], "avr-size")
 
 
@@ -245,10 +284,9 @@ def measure(model: QuantizedModel, variant: str, board: Board, window: np.ndarra
     if board.emulator is None:
         raise PerfError(f"{board.name} is not emulated")
     if board.emulator.kind == "qemu":
-        target = tuple(f for f in board.gcc_target_flags if f != "-mthumb")
-        elf, text = build_arm(model, variant, window, directory, target)
+        elf, text = build_arm(model, variant, window, directory, board)
         marks, data = run_qemu(elf, board.emulator.machine, cache)
-        unit, cc, flags = "instructions", ARM_GCC, (*target, *ARM_FLAGS)
+        unit, cc, flags = "instructions", ARM_GCC, (*arm_target_flags(board), *ARM_FLAGS)
     else:
         elf, text = build_avr(model, variant, window, directory, board.gcc_target_flags)
         marks, data = run_simavr(elf, board.emulator.machine, board.clock_hz, cache)
