@@ -13,6 +13,10 @@ against the integer reference (``check``).
 
 A measurement's figure is the count between the two marks around a call, less the cost of an empty pair of
 marks measured in the same firmware, so it is the call itself (for a step: every layer, the kernel's whole work).
+
+Cortex-M firmware links with the board's memory map (``tinylstm.firmware.linker_script``), so it runs on every
+emulated board. ``measure_cmsis_nn`` builds CMSIS-NN's arm_lstm_unidirectional_s8 from a checkout the user gives
+(never part of this repository) with the same compiler and flags, for the suite's side-by-side comparison.
 """
 
 from __future__ import annotations
