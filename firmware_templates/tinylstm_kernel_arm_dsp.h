@@ -15,7 +15,7 @@
  *
  * Gate arithmetic. One out-of-line function, tl_dsp_layer, steps every layer of every model: the generator gives it
  * the layer's packed weights and biases, a table of its constants (sizes, and three words per requantization,
- * see tl_rq) and the model's activation table, so its code is the same whatever the model's constants and
+ * see tl_rq); the activation table is the kernel's, so its code is the same whatever the model's constants and
  * sizes, and the planner's code figure is exact. Every requantization is the exact one for any int32 value:
  * SMMLAR for the rounding doubling high multiply, SMLAL for the rounding right shift. Sigmoid and tanh are one
  * multiply-accumulate each (tl_dsp_sigmoid).
@@ -29,6 +29,10 @@
 #include <stdint.h>
 
 #include "tinylstm_kernel.h"
+
+/* sigmoid and tanh as one multiply-accumulate (tl_dsp_sigmoid): the same for every model, stored once per firmware
+ * (tinylstm_kernel_arm_dsp.c). */
+extern const int32_t tinylstm_dsp_activation_table[512];
 
 /* Groups of four inputs per pass of tl_dsp_pass: |S_b| <= 128 * 128 * 504 < 2^23. */
 #define TL_DSP_PASS_GROUPS 126u
@@ -322,7 +326,7 @@ static inline int32_t tl_rq(int32_t v, const int32_t *k)
 #define TL_K_GATES 17 /* per gate i, f, g, o: the input half, then the h half, 3 words each */
 
 /*
- * sigmoid and tanh through the activation table (tinylstm/export.py writes it, one per model): for each index n
+ * sigmoid and tanh through the activation table (tinylstm_dsp_activation_table): for each index n
  * of the shared table T, the pair {T[n + 1] - T[n], 512 (T[n] - n (T[n + 1] - T[n])) + 512}, so the reference's
  * interpolation T[n] 2^k + (a mod 2^k) (T[n + 1] - T[n]) with its rounding is one multiply-accumulate of a = |v|.
  * Entry 255 (diff 0) is tanh's saturation, 32767.
@@ -356,11 +360,12 @@ static inline int32_t tl_dsp_gate(const uint32_t *acc, const int32_t *q, unsigne
 /*
  * One time step of one layer: x [inputs] -> h [hidden], cell [hidden] updated in place. k: the constant table;
  * w: per unit, the biases and packed words of the input half, then of the h half; scratch: at least
- * 2 (ceil(inputs / 4) + ceil(hidden / 4)) words; table: the activation table.
+ * 2 (ceil(inputs / 4) + ceil(hidden / 4)) words.
  */
 static TL_DSP_OUT_OF_LINE void tl_dsp_layer(const int32_t *k, const uint32_t *w, const int8_t *x, int8_t *h,
-                                            int16_t *cell, uint32_t *scratch, const int32_t *table)
+                                            int16_t *cell, uint32_t *scratch)
 {
+    const int32_t *const table = tinylstm_dsp_activation_table;
     const uint32_t inputs = (uint32_t)k[TL_K_INPUTS], hidden = (uint32_t)k[TL_K_HIDDEN];
     const uint32_t x_groups = (inputs + 3u) >> 2, h_groups = (hidden + 3u) >> 2;
     uint32_t *const xs = scratch;

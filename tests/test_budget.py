@@ -18,7 +18,15 @@ from tinylstm import firmware
 from tinylstm.boards import list_boards, load_board
 from tinylstm.budget import DOES_NOT_FIT, PlanError, max_hidden, max_window, plan
 from tinylstm.cli import main
-from tinylstm.export import VARIANTS, ModelShape, default_variant, export_c, kernel_layout, memory_layout
+from tinylstm.export import (
+    VARIANTS,
+    ModelShape,
+    default_variant,
+    export_c,
+    kernel_layout,
+    kernel_sources,
+    memory_layout,
+)
 
 AVR_GCC, ARM_GCC = "avr-gcc", "arm-none-eabi-gcc"
 COMPILER = {"avr": AVR_GCC, "arm": ARM_GCC}
@@ -127,6 +135,11 @@ LINK_FLAGS = {AVR_GCC: ["-Wl,--gc-sections"],
               ARM_GCC: ["-Wl,--gc-sections", "--specs=nano.specs", "--specs=nosys.specs"]}
 
 
+def kernel_c(out: Path, variant: str) -> list[Path]:
+    """The kernel's C sources of ``variant`` in an exported directory."""
+    return [out / name for name in kernel_sources(variant) if name.endswith(".c")]
+
+
 def linked_text(cc: str, flags: tuple[str, ...], sources: list[Path], elf: Path) -> int:
     """Size of the .text output section of a linked program (code, and on AVR also PROGMEM data)."""
     subprocess.run([cc, *CFLAGS, *flags, *LINK_FLAGS[cc], "-o", str(elf), *map(str, sources)],
@@ -147,11 +160,12 @@ def library_routines(cc: str, target_flags: tuple[str, ...], out: Path, variant:
     export_c(model, out, prefix="m", variant=variant)
     (out / "main.c").write_text(CODE_MAIN)
     (out / "empty.c").write_text(EMPTY_MAIN)
-    linked_text(cc, target_flags, [out / "main.c", out / "m.c", out / "tinylstm_kernel.c"], out / "fw.elf")
+    sources = [out / "main.c", out / "m.c", *kernel_c(out, variant)]
+    linked_text(cc, target_flags, sources, out / "fw.elf")
     linked_text(cc, target_flags, [out / "empty.c"], out / "empty.elf")
     compiled = set()
-    for source in ("main.c", "m.c", "tinylstm_kernel.c"):
-        compiled |= set(symbol_sizes(compile_c(out / source, cc, target_flags), cc))
+    for source in sources:
+        compiled |= set(symbol_sizes(compile_c(source, cc, target_flags), cc))
     empty = symbol_sizes(out / "empty.elf", cc)
     return {name: size for name, (kind, size) in symbol_sizes(out / "fw.elf", cc).items()
             if kind in "tT" and name not in empty and name not in compiled}
@@ -199,18 +213,19 @@ def measure_code(cc: str, target_flags: tuple[str, ...], tmp_path: Path, variant
                     out = tmp_path / f"c{layers}_{n}_{head}_{per_channel}"
                     export_c(model, out, prefix="m", variant=variant)
                     (out / "main.c").write_text(CODE_MAIN)
-                    text = linked_text(cc, target_flags, [out / "main.c", out / "m.c", out / "tinylstm_kernel.c"],
+                    text = linked_text(cc, target_flags, [out / "main.c", out / "m.c", *kernel_c(out, variant)],
                                        out / "fw.elf")
                     shape = ModelShape.from_model(model)
                     model_objects = memory_layout(shape, arch, variant)
-                    data = {"m_" + b.name for b in model_objects} | {b.name for b in kernel_layout(arch)}
+                    kernel_objects = kernel_layout(arch, variant)
+                    data = {"m_" + b.name for b in model_objects} | {b.name for b in kernel_objects}
                     model_functions = code_symbols(compile_c(out / "m.c", cc, target_flags), cc, data)
                     linked = code_symbols(out / "fw.elf", cc, data)
                     model_text = sum(size for name, size in linked.items() if name in model_functions)
                     largest[layers] = max(largest.get(layers, 0), model_text)
                     progmem = 0
                     if arch == "avr":  # PROGMEM objects sit in .text on AVR
-                        progmem = sum(b.nbytes for b in model_objects + kernel_layout(arch) if b.region == "flash")
+                        progmem = sum(b.nbytes for b in model_objects + kernel_objects if b.region == "flash")
                     main_code = sum(size for name, size in section_sizes(
                         compile_c(out / "main.c", cc, target_flags), cc).items() if name.startswith(".text"))
                     unlinked = sum(size for name, size in reference_routines.items() if name not in linked)

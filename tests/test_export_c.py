@@ -60,12 +60,13 @@ def _compile_all(jobs: list[list[str]], cwd: Path) -> None:
 
 
 def _write_sources(models: dict[str, QuantizedModel], directory: Path, variant: str = "reference") -> list[Path]:
-    """Render every model under its prefix plus one copy of the kernel; return the .c files."""
+    """Render every model under its prefix plus one copy of the kernel; return the .c files, the kernel's first."""
     directory.mkdir(parents=True, exist_ok=True)
     sources = []
     for name, text in kernel_sources(variant).items():
         (directory / name).write_text(text)
-    sources.append(directory / "tinylstm_kernel.c")
+        if name.endswith(".c"):
+            sources.append(directory / name)
     for prefix, model in models.items():
         for name, text in render_c(model, prefix, variant).items():
             (directory / name).write_text(text)
@@ -158,13 +159,14 @@ class HostProgram:
         (directory / "driver.c").write_text(self._driver())
         # Several models per translation unit keeps the compiler runs few; each model keeps its own file.
         bundles = []
-        model_sources = sources[1:]
+        kernel = [source for source in sources if source.name.startswith("tinylstm_kernel")]
+        model_sources = sources[len(kernel):]
         chunk = -(-len(model_sources) // 8)
         for k in range(0, len(model_sources), chunk):
             bundle = directory / f"bundle_{k // chunk}.c"
             bundle.write_text("".join(f'#include "{s.name}"\n' for s in model_sources[k:k + chunk]))
             bundles.append(bundle)
-        units = [sources[0], directory / "driver.c", *bundles]
+        units = [*kernel, directory / "driver.c", *bundles]
         _compile_all([["gcc", *HOST_FLAGS, "-c", str(u), "-o", str(u.with_suffix(".o"))] for u in units], directory)
         self.exe = directory / "host_models"
         _compile_all([["gcc", *HOST_FLAGS, *(str(u.with_suffix(".o")) for u in units), "-o", str(self.exe)]],
@@ -472,7 +474,7 @@ def _data_objects(obj: Path, arch: str) -> dict[str, tuple[str, int]]:
 def test_memory_layout_matches_compilers(tmp_path: Path, shape: ModelShape) -> None:
     model = _model_with_shape(shape, seed=sum(shape.hidden_sizes) + shape.input_size)
     assert ModelShape.from_model(model) == shape
-    (source,) = _write_sources({"m": model}, tmp_path)[1:]
+    source = _write_sources({"m": model}, tmp_path)[-1]
     jobs = []
     for arch in ("avr", "arm", "host"):
         jobs.append([*_cross_flags(arch, "-Os"), str(source), "-o", str(tmp_path / f"m_{arch}.o")])
@@ -488,6 +490,17 @@ def test_kernel_layout_matches_compilers(tmp_path: Path) -> None:
         obj = tmp_path / f"kernel_{arch}.o"
         _compile_all([[*_cross_flags(arch, "-Os"), "tinylstm_kernel.c", "-o", str(obj)]], tmp_path)
         expected = {b.name: (b.region, b.nbytes) for b in kernel_layout(arch)}
+        assert _data_objects(obj, arch) == expected, arch
+
+
+def test_arm_dsp_kernel_layout_matches_compilers(tmp_path: Path) -> None:
+    """arm_dsp's own kernel object, its activation table, has the size kernel_layout gives it (the firmware
+    links it instead of the sigmoid table, which only the other kernels' activations read)."""
+    _write_sources({}, tmp_path, "arm_dsp")
+    for arch in ("arm", "host"):
+        obj = tmp_path / f"dsp_{arch}.o"
+        _compile_all([[*_cross_flags(arch, "-Os"), "tinylstm_kernel_arm_dsp.c", "-o", str(obj)]], tmp_path)
+        expected = {b.name: (b.region, b.nbytes) for b in kernel_layout(arch, "arm_dsp")}
         assert _data_objects(obj, arch) == expected, arch
 
 

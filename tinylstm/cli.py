@@ -525,6 +525,12 @@ def flash(model_path: Path | None, board_name: str | None, port: str | None, out
               help="Instead: the kernel benchmark suite (every kernel variant on the emulated boards over the "
                    "standard shapes); writes --json (default performance.json) and the table into --markdown "
                    "(default performance.md).")
+@click.option("--cmsis-nn", "cmsis_nn", metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="With --suite: also build CMSIS-NN's arm_lstm_unidirectional_s8 from the CMSIS-NN checkout DIR "
+                   "(e.g. a clone at the commit docs/performance.md names) with the same compiler and flags, check "
+                   "its outputs against the integer reference and measure it beside the tinylstm kernels. Without "
+                   "it the CMSIS-NN column says \"not measured\".")
 @click.option("--model", "model_paths", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A quantized model file (.npz); repeat it to benchmark several (e.g. hidden sizes).")
@@ -546,9 +552,9 @@ def flash(model_path: Path | None, board_name: str | None, port: str | None, out
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write a PNG: cycles histogram, and cycles per step vs hidden size for several models.")
 @_VARIANT_OPTION
-def bench(suite: bool, model_paths: tuple[Path, ...], board_name: str | None, port: str | None, flash_first: bool,
-          windows: int, source: str, seed: int, timeout: float, json_out: Path | None, markdown_out: Path | None,
-          plot_out: Path | None, variant: str | None) -> None:
+def bench(suite: bool, cmsis_nn: Path | None, model_paths: tuple[Path, ...], board_name: str | None,
+          port: str | None, flash_first: bool, windows: int, source: str, seed: int, timeout: float,
+          json_out: Path | None, markdown_out: Path | None, plot_out: Path | None, variant: str | None) -> None:
     """Benchmark models on a board: latency from the device's own counter, every output checked bit for bit
     against the integer reference, and accuracy on held-out data from the device's outputs."""
     from tinylstm import bench as hil_bench
@@ -558,8 +564,10 @@ def bench(suite: bool, model_paths: tuple[Path, ...], board_name: str | None, po
     if suite:
         if model_paths or board_name:
             raise click.UsageError("--suite measures its own models on the emulated boards: drop --model/--board")
-        _bench_suite(json_out or Path("performance.json"), markdown_out or Path("performance.md"))
+        _bench_suite(json_out or Path("performance.json"), markdown_out or Path("performance.md"), cmsis_nn)
         return
+    if cmsis_nn is not None:
+        raise click.UsageError("--cmsis-nn goes with --suite")
     if not model_paths or not board_name:
         raise click.UsageError("give --model and --board (or --suite)")
     if flash_first and port is None:
@@ -585,13 +593,13 @@ def bench(suite: bool, model_paths: tuple[Path, ...], board_name: str | None, po
         raise click.ClickException(mismatched)
 
 
-def _bench_suite(json_out: Path, markdown_out: Path) -> None:
+def _bench_suite(json_out: Path, markdown_out: Path, cmsis_nn: Path | None) -> None:
     from tinylstm import firmware, perf
 
     with tempfile.TemporaryDirectory(prefix="tinylstm-suite-") as work:
         try:
             result = perf.run_suite(Path(work), firmware.cache_dir() / "bench",
-                                    log=lambda line: click.echo(line, err=True))
+                                    log=lambda line: click.echo(line, err=True), cmsis_nn=cmsis_nn)
             perf.write_report(result, json_out, markdown_out)
         except perf.PerfError as e:
             raise click.ClickException(str(e)) from None

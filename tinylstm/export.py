@@ -28,7 +28,7 @@ ARCHS = ("avr", "arm", "host")
 VARIANTS = ("reference", "arm_dsp", "avr")
 VARIANT_FILES = {
     "reference": KERNEL_FILES,
-    "arm_dsp": (*KERNEL_FILES, "tinylstm_kernel_arm_dsp.h"),
+    "arm_dsp": (*KERNEL_FILES, "tinylstm_kernel_arm_dsp.h", "tinylstm_kernel_arm_dsp.c"),
     "avr": (*KERNEL_FILES, "tinylstm_kernel_avr.h"),
 }
 
@@ -183,8 +183,6 @@ def _objects(shape: ModelShape, variant: str = "reference") -> list[_Object]:
             objs.append(_Object(f"l{n}_shift", "int8_t", 8 * units, "flash"))
             objs.append(_Object(f"l{n}_layer", "tinylstm_avr_layer_params", 1, "flash"))
         previous = hidden
-    if variant == "arm_dsp":  # sigmoid and tanh as one multiply-accumulate per activation (tl_dsp_sigmoid)
-        objs.append(_Object("activation_table", "int32_t", 2 * len(SIGMOID_TABLE), "flash"))
     objs += [o for o in _reference_objects(shape) if o.name.startswith("head_") or o.name.startswith("state_")]
     objs.append(_Object("scratch", "uint32_t" if variant == "arm_dsp" else "uint8_t", scratch, "ram"))
     return objs
@@ -261,11 +259,14 @@ def memory_layout(shape: ModelShape, arch: str, variant: str = "reference") -> l
 
 def kernel_layout(arch: str, variant: str = "reference") -> list[Buffer]:
     """The shared kernel's objects (full symbol names) that ``variant`` links: stored once per firmware, whatever
-    the number of models. arm_dsp links none (its activation table is a model object)."""
+    the number of models. arm_dsp links its own activation table (tinylstm_kernel_arm_dsp.c), not the sigmoid
+    table."""
     if arch not in _TYPES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
     check_variant(variant)
-    return [] if variant == "arm_dsp" else [Buffer("tinylstm_sigmoid_table", "flash", 256 * 2)]
+    if variant == "arm_dsp":  # per index of the sigmoid table, two int32 words
+        return [Buffer("tinylstm_dsp_activation_table", "flash", 2 * len(SIGMOID_TABLE) * _sizeof("int32_t", arch))]
+    return [Buffer("tinylstm_sigmoid_table", "flash", 256 * 2)]
 
 
 def _layer_scalars(layer: LSTMLayer) -> dict[str, int]:
@@ -491,8 +492,6 @@ def _unit_table(input_half: np.ndarray, hidden_half: np.ndarray) -> np.ndarray:
 
 def _variant_arrays(model: QuantizedModel, variant: str) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
-    if variant == "arm_dsp":
-        arrays["activation_table"] = _dsp_activation_table()
     for n, layer in enumerate(model.layers):
         kernel = LayerKernel(layer)
         wx, wh = layer.input_weights.astype(np.int64), layer.hidden_weights.astype(np.int64)
@@ -557,21 +556,11 @@ def _dsp_constants(layer: LSTMLayer) -> np.ndarray:
     return wrap_int32(np.array(words, dtype=np.int64))
 
 
-def _dsp_activation_table() -> np.ndarray:
-    """tl_dsp_sigmoid's table: per index n of the shared table T, {T[n + 1] - T[n], 512 (T[n] - n (T[n + 1] - T[n]))
-    + 512}; the last entry is tanh's saturation (difference 0, tanh 32767)."""
-    table = SIGMOID_TABLE.astype(np.int64)
-    diff = np.append(table[1:] - table[:-1], 0)
-    offset = 512 * (table - np.arange(table.size) * diff) + 512
-    offset[-1] = 2 * (INT16_MAX * 256 + 0x800080)
-    return np.stack([diff, offset], axis=1).ravel()
-
-
 def _layer_step_arm_dsp(prefix: str, n: int, layer: LSTMLayer) -> str:
     """The arm_dsp step function of one layer: tl_dsp_layer on the layer's objects, the same code for any constants."""
     p = f"{prefix}_l{n}"
     return (f"static void {p}_step(const int8_t *x, int8_t *h, int16_t *cell)\n{{\n"
-            f"    tl_dsp_layer({p}_constants, {p}_weights, x, h, cell, {prefix}_scratch, {prefix}_activation_table);\n"
+            f"    tl_dsp_layer({p}_constants, {p}_weights, x, h, cell, {prefix}_scratch);\n"
             "}\n")
 
 

@@ -305,6 +305,15 @@ def _pio_board_manifest(board: Board) -> dict:
     return json.loads(path.read_text())
 
 
+def linker_script(board: Board) -> str:
+    """The linker script of an emulated Cortex-M board (cortexm.ld.j2): its flash and RAM from the board file and
+    the origins from the platform's board manifest. The HIL and the benchmark firmware both link with it."""
+    build = _pio_board_manifest(board)["build"]
+    return _jinja().get_template("cortexm.ld.j2").render(
+        board=board.name, flash_origin=int(build["flash_origin"], 16), flash_size=board.flash_bytes,
+        ram_origin=int(build["ram_origin"], 16), ram_size=board.ram_bytes)
+
+
 def default_prefixes(models: Sequence[QuantizedModel]) -> list[str]:
     return ["tinylstm_model"] if len(models) == 1 else [f"m{i:02d}" for i in range(len(models))]
 
@@ -380,11 +389,8 @@ def generate_project(models: QuantizedModel | Sequence[QuantizedModel], board: B
 
     ldscript = None
     if emulated and board.arch == "arm":
-        build = _pio_board_manifest(board)["build"]
         ldscript = "cortexm.ld"
-        files[ldscript] = env.get_template("cortexm.ld.j2").render(
-            board=board.name, flash_origin=int(build["flash_origin"], 16), flash_size=board.flash_bytes,
-            ram_origin=int(build["ram_origin"], 16), ram_size=board.ram_bytes)
+        files[ldscript] = linker_script(board)
     files["platformio.ini"] = env.get_template("platformio.ini.j2").render(
         board=board, models=[{"prefix": p, "digest": d} for p, d in zip(prefixes, digests, strict=True)],
         platform=_platform_spec(board), platform_packages=_platform_packages(board), ldscript=ldscript,

@@ -13,6 +13,10 @@ against the integer reference (``check``).
 
 A measurement's figure is the count between the two marks around a call, less the cost of an empty pair of
 marks measured in the same firmware, so it is the call itself (for a step: every layer, the kernel's whole work).
+
+Cortex-M firmware links with the board's memory map (``tinylstm.firmware.linker_script``), so it runs on every
+emulated board. ``measure_cmsis_nn`` builds CMSIS-NN's arm_lstm_unidirectional_s8 from a checkout the user gives
+(never part of this repository) with the same compiler and flags, for the suite's side-by-side comparison.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 from tinylstm.boards import Board
 from tinylstm.export import kernel_sources, render_c
 from tinylstm.qmodel import QuantizedModel
-from tinylstm.reference import Reference
+from tinylstm.reference import INT16_MAX, Reference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO_ROOT / "firmware_templates" / "bench"
@@ -89,11 +93,11 @@ def _bench_header(model: QuantizedModel, window: np.ndarray) -> str:
 
 def _write_sources(model: QuantizedModel, variant: str, window: np.ndarray, directory: Path) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    files = {**render_c(model, PREFIX, variant), **kernel_sources(variant),
-             "bench_model.h": _bench_header(model, window)}
+    kernel = kernel_sources(variant)
+    files = {**render_c(model, PREFIX, variant), **kernel, "bench_model.h": _bench_header(model, window)}
     for name, text in files.items():
         (directory / name).write_text(text)
-    return [directory / f"{PREFIX}.c", directory / "tinylstm_kernel.c"]
+    return [directory / f"{PREFIX}.c", *(directory / name for name in kernel if name.endswith(".c"))]
 
 
 def _run(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
@@ -157,20 +161,55 @@ def _cached_tool(source_name: str, binary: Path, flags: list[str], what: str) ->
     return binary
 
 
-def _build_bench(model: QuantizedModel, variant: str, window: np.ndarray, directory: Path, main_source: str,
-                 compile_command: list[str], link_flags: list[str], size_tool: str) -> tuple[Path, int]:
-    """Compile the model, its kernel and the benchmark main, and link them into ``directory/bench.elf``."""
-    sources = _write_sources(model, variant, window, directory)
-    shutil.copy(BENCH_DIR / main_source, directory / main_source)
-    common = [*compile_command, "-ffunction-sections", "-fdata-sections", f"-I{directory}"]
+def _compile_and_link(sources: list[Path], directory: Path, compile_command: list[str], link_flags: list[str],
+                      include_dirs: tuple[Path, ...] = ()) -> tuple[Path, list[Path]]:
+    """Compile ``sources`` (with ``directory`` and ``include_dirs`` on the include path) and link them into
+    ``directory/bench.elf``; returns the ELF and the objects, in the order of ``sources``."""
+    common = [*compile_command, "-ffunction-sections", "-fdata-sections", f"-I{directory}",
+              *(f"-I{d}" for d in include_dirs)]
     objects = []
-    for source in [*sources, directory / main_source]:
-        obj = source.with_suffix(".o")
+    for source in sources:
+        obj = directory / f"{source.stem}.o"
         _run([*common, "-c", str(source), "-o", str(obj)], f"compiling {source.name}", text=True)
         objects.append(obj)
     elf = directory / "bench.elf"
     _run([*common, *link_flags, *map(str, objects), "-o", str(elf)], "linking", text=True)
-    return elf, _text_size(objects[:2], size_tool)
+    return elf, objects
+
+
+def _copy_bench_files(names: tuple[str, ...], directory: Path) -> list[Path]:
+    """Copy benchmark files of firmware_templates/bench into ``directory``; returns the copied C sources."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(BENCH_DIR / name, directory / name)
+    return [directory / name for name in names if name.endswith(".c")]
+
+
+def _build_bench(model: QuantizedModel, variant: str, window: np.ndarray, directory: Path,
+                 bench_files: tuple[str, ...], compile_command: list[str], link_flags: list[str], size_tool: str
+                 ) -> tuple[Path, int]:
+    """Compile the model, its kernel and the benchmark main, and link them into ``directory/bench.elf``."""
+    sources = _write_sources(model, variant, window, directory)
+    elf, objects = _compile_and_link([*sources, *_copy_bench_files(bench_files, directory)], directory,
+                                     compile_command, link_flags)
+    return elf, _text_size(objects[:len(sources)], size_tool)
+
+
+# The QEMU benchmark run-time (start-up, marks, semihosting output) every Cortex-M benchmark main links.
+ARM_RUNTIME = ("bench_cortexm.h", "bench_cortexm_runtime.c")
+
+
+def _arm_link_flags(board: Board, directory: Path) -> list[str]:
+    """Link flags for a Cortex-M benchmark firmware, with the board's memory map (the HIL firmware's script)."""
+    from tinylstm.firmware import FirmwareError, linker_script
+
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        (directory / "cortexm.ld").write_text(linker_script(board))
+    except FirmwareError as e:
+        raise PerfError(str(e)) from None
+    return ["-nostartfiles", "--specs=nano.specs", "--specs=nosys.specs", "-Wl,--gc-sections",
+            f"-T{directory / 'cortexm.ld'}"]
 
 
 def plugin_path(cache: Path) -> Path:
@@ -178,14 +217,18 @@ def plugin_path(cache: Path) -> Path:
     return _cached_tool("qemu_insn_count.c", cache / "qemu_insn_count.so", ["-shared", "-fPIC"], "plugin build")
 
 
-def build_arm(model: QuantizedModel, variant: str, window: np.ndarray, directory: Path,
-              target_flags: tuple[str, ...] = ("-mcpu=cortex-m4",), flags: tuple[str, ...] = ARM_FLAGS
-              ) -> tuple[Path, int]:
-    """The QEMU benchmark firmware for ``model``; returns the ELF and the .text of model and kernel code."""
-    link = ["-nostartfiles", "--specs=nano.specs", "--specs=nosys.specs", "-Wl,--gc-sections",
-            f"-T{BENCH_DIR / 'cortexm.ld'}"]
-    return _build_bench(model, variant, window, directory, "bench_cortexm.c",
-                        [ARM_GCC, *WARNINGS, *target_flags, *flags], link, "arm-none-eabi-size")
+def arm_target_flags(board: Board) -> tuple[str, ...]:
+    """The board's code-generation flags less -mthumb, which ARM_FLAGS gives."""
+    return tuple(f for f in board.gcc_target_flags if f != "-mthumb")
+
+
+def build_arm(model: QuantizedModel, variant: str, window: np.ndarray, directory: Path, board: Board,
+              flags: tuple[str, ...] = ARM_FLAGS) -> tuple[Path, int]:
+    """The QEMU benchmark firmware for ``model`` on ``board``; returns the ELF and the .text of model and kernel
+    code."""
+    return _build_bench(model, variant, window, directory, ("bench_cortexm.c", *ARM_RUNTIME),
+                        [ARM_GCC, *WARNINGS, *arm_target_flags(board), *flags], _arm_link_flags(board, directory),
+                        "arm-none-eabi-size")
 
 
 def symbol_address(elf: Path, symbol: str, nm: str = "arm-none-eabi-nm") -> int:
@@ -224,7 +267,7 @@ def build_avr(model: QuantizedModel, variant: str, window: np.ndarray, directory
               target_flags: tuple[str, ...] = ("-mmcu=atmega328p",), flags: tuple[str, ...] = AVR_FLAGS
               ) -> tuple[Path, int]:
     """The simavr benchmark firmware for ``model``; returns the ELF and the .text of model and kernel code."""
-    return _build_bench(model, variant, window, directory, "bench_avr.c",
+    return _build_bench(model, variant, window, directory, ("bench_avr.c",),
                         [AVR_GCC, *WARNINGS, *target_flags, *flags], ["-Wl,--gc-sections"], "avr-size")
 
 
@@ -245,10 +288,9 @@ def measure(model: QuantizedModel, variant: str, board: Board, window: np.ndarra
     if board.emulator is None:
         raise PerfError(f"{board.name} is not emulated")
     if board.emulator.kind == "qemu":
-        target = tuple(f for f in board.gcc_target_flags if f != "-mthumb")
-        elf, text = build_arm(model, variant, window, directory, target)
+        elf, text = build_arm(model, variant, window, directory, board)
         marks, data = run_qemu(elf, board.emulator.machine, cache)
-        unit, cc, flags = "instructions", ARM_GCC, (*target, *ARM_FLAGS)
+        unit, cc, flags = "instructions", ARM_GCC, (*arm_target_flags(board), *ARM_FLAGS)
     else:
         elf, text = build_avr(model, variant, window, directory, board.gcc_target_flags)
         marks, data = run_simavr(elf, board.emulator.machine, board.clock_hz, cache)
@@ -268,6 +310,135 @@ def check(model: QuantizedModel, window: np.ndarray, result: Measurement) -> Non
                 raise PerfError(f"{model.name}: step {t}, layer {n}: the device's state differs from the reference")
     if not np.array_equal(ref.output(), result.output):
         raise PerfError(f"{model.name}: the device's output differs from the reference")
+
+
+# ---- CMSIS-NN beside the tinylstm kernels ----------------------------------------------------------------------
+
+# arm_lstm_unidirectional_s8 and every function it calls, in a CMSIS-NN checkout (v6.0.0 onwards).
+CMSIS_NN_SOURCES = (
+    "Source/LSTMFunctions/arm_lstm_unidirectional_s8.c",
+    "Source/NNSupportFunctions/arm_nn_lstm_step_s8.c",
+    "Source/NNSupportFunctions/arm_nn_lstm_calculate_gate_s8_s16.c",
+    "Source/NNSupportFunctions/arm_nn_vec_mat_mul_result_acc_s8_s16.c",
+    "Source/BasicMathFunctions/arm_elementwise_mul_s16.c",
+    "Source/BasicMathFunctions/arm_elementwise_mul_acc_s16.c",
+    "Source/BasicMathFunctions/arm_elementwise_mul_s16_s8.c",
+    "Source/ActivationFunctions/arm_nn_activation_s16.c",
+    "Source/NNSupportFunctions/arm_nntables.c",
+)
+CMSIS_NN_HEADER = "Include/arm_nnfunctions.h"
+# Steps of the long call: CMSIS-NN's steady step is (call(CMSIS_NN_STEPS) - call(1)) / (CMSIS_NN_STEPS - 1).
+CMSIS_NN_STEPS = 9
+CMSIS_NN_METHOD = (f"(one call of {CMSIS_NN_STEPS} steps - one call of 1 step) / {CMSIS_NN_STEPS - 1}: each call "
+                   "starts from the initial state, so the difference is its steady steps without the call's set-up")
+
+
+def cmsis_nn_sources(checkout: Path) -> list[Path]:
+    """The CMSIS-NN sources the comparison compiles, from ``checkout``; PerfError naming what is missing."""
+    if not (checkout / CMSIS_NN_HEADER).is_file():
+        raise PerfError(f"{checkout} is not a CMSIS-NN checkout: it has no {CMSIS_NN_HEADER}")
+    missing = [name for name in CMSIS_NN_SOURCES if not (checkout / name).is_file()]
+    if missing:
+        raise PerfError(f"{checkout} lacks arm_lstm_unidirectional_s8: no {', '.join(missing)}")
+    return [checkout / name for name in CMSIS_NN_SOURCES]
+
+
+def cmsis_nn_revision(checkout: Path) -> str:
+    """The checkout's commit as `git describe` gives it (tag, distance, abbreviated hash, -dirty), or "unknown"."""
+    result = subprocess.run(["git", "-C", str(checkout), "describe", "--tags", "--always", "--dirty", "--abbrev=8"],
+                            capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else "unknown (not a git checkout)"
+
+
+def _c_rows(rows: np.ndarray) -> str:
+    """A C initializer of a 2-D integer array."""
+    return "{" + ", ".join("{" + ", ".join(str(int(v)) for v in row) + "}" for row in rows) + "}"
+
+
+def _cmsis_nn_header(model: QuantizedModel, window: np.ndarray) -> str:
+    """bench_cmsis_nn_model.h: the layer of ``model`` as CMSIS-NN takes it, and the input samples."""
+    if len(model.layers) != 1 or model.layers[0].per_channel:
+        raise PerfError(f"{model.name}: the CMSIS-NN comparison takes one LSTM layer with per-tensor scales")
+    layer = model.layers[0]
+    wx, wh = layer.input_weights.astype(np.int64), layer.hidden_weights.astype(np.int64)
+    constants = {
+        "INPUT_SIZE": layer.input_size, "HIDDEN_SIZE": layer.hidden_size, "STEPS": len(window),
+        "INPUT_ZERO_POINT": layer.input_zero_point, "OUTPUT_ZERO_POINT": layer.output_zero_point,
+        "FORGET_TO_CELL_MULTIPLIER": layer.forget_to_cell_multiplier,
+        "FORGET_TO_CELL_SHIFT": layer.forget_to_cell_shift,
+        "INPUT_TO_CELL_MULTIPLIER": layer.input_to_cell_multiplier, "INPUT_TO_CELL_SHIFT": layer.input_to_cell_shift,
+        "CELL_CLIP": layer.cell_clip if layer.cell_clip > 0 else INT16_MAX,
+        "CELL_SCALE_POWER": layer.cell_scale_power,
+        "OUTPUT_MULTIPLIER": layer.output_multiplier, "OUTPUT_SHIFT": layer.output_shift,
+    }
+    scales = np.stack([layer.input_multiplier, layer.input_shift, layer.hidden_multiplier, layer.hidden_shift], 1)
+    H, In = layer.hidden_size, layer.input_size
+    arrays = [
+        ("int8_t", "cm_window[CM_STEPS * CM_INPUT_SIZE]", "{" + ", ".join(map(str, window.ravel())) + "}"),
+        ("int8_t", "cm_input_weights[4][CM_HIDDEN_SIZE * CM_INPUT_SIZE]", _c_rows(wx.reshape(4, H * In))),
+        ("int8_t", "cm_hidden_weights[4][CM_HIDDEN_SIZE * CM_HIDDEN_SIZE]", _c_rows(wh.reshape(4, H * H))),
+        ("int32_t", "cm_bias[4][CM_HIDDEN_SIZE]", _c_rows(layer.bias)),
+        ("int32_t", "cm_input_bias[4][CM_HIDDEN_SIZE]",
+         _c_rows(layer.bias.astype(np.int64) - layer.input_zero_point * wx.sum(axis=2))),
+        ("int32_t", "cm_hidden_bias[4][CM_HIDDEN_SIZE]", _c_rows(-layer.output_zero_point * wh.sum(axis=2))),
+        ("int32_t", "cm_scales[4][4]", _c_rows(scales)),
+    ]
+    lines = [f"/* {model.name} for CMSIS-NN (generated by tinylstm.perf). Gates: input, forget, cell, output; "
+             "scales: input multiplier, shift, hidden multiplier, shift. */", "#include <stdint.h>", ""]
+    lines += [f"#define CM_{name} ({value})" for name, value in constants.items()]
+    lines += [""] + [f"static const {ctype} {declaration} = {init};" for ctype, declaration, init in arrays]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class CmsisNNMeasurement:
+    """CMSIS-NN's instructions for a call of 1 step and of CMSIS_NN_STEPS steps, and what it computed."""
+
+    one_step_call: int
+    long_call: int
+    h: np.ndarray  # [CMSIS_NN_STEPS, hidden]: h after every step of the long call
+    cell: np.ndarray  # after the long call
+
+    @property
+    def steady_step(self) -> int:
+        return round((self.long_call - self.one_step_call) / (CMSIS_NN_STEPS - 1))
+
+
+def measure_cmsis_nn(model: QuantizedModel, window: np.ndarray, checkout: Path, board: Board, directory: Path,
+                     cache: Path) -> CmsisNNMeasurement:
+    """Build CMSIS-NN's arm_lstm_unidirectional_s8 from ``checkout`` with the benchmark main bench_cmsis_nn.c on
+    ``model`` (the first CMSIS_NN_STEPS samples of ``window``) and run it in ``board``'s QEMU machine."""
+    sources = cmsis_nn_sources(checkout)
+    window = np.asarray(window, dtype=np.int8).reshape(-1, model.input.features)[:CMSIS_NN_STEPS]
+    if len(window) != CMSIS_NN_STEPS:
+        raise PerfError(f"the CMSIS-NN comparison needs a window of at least {CMSIS_NN_STEPS} steps")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "bench_cmsis_nn_model.h").write_text(_cmsis_nn_header(model, window))
+    main = _copy_bench_files(("bench_cmsis_nn.c", *ARM_RUNTIME), directory)
+    elf, _ = _compile_and_link([*main, *sources], directory, [ARM_GCC, *WARNINGS, *arm_target_flags(board),
+                                                              *ARM_FLAGS], _arm_link_flags(board, directory),
+                               (checkout / "Include",))
+    marks, data = run_qemu(elf, board.emulator.machine, cache)
+    if len(marks) != 6:
+        raise PerfError(f"CMSIS-NN firmware: {len(marks)} marks, expected 6: it did not run to its end")
+    empty, one, long = (b - a for a, b in zip(marks[0::2], marks[1::2], strict=True))
+    H = model.layers[0].hidden_size
+    if len(data) != CMSIS_NN_STEPS * H + 2 * H:
+        raise PerfError(f"CMSIS-NN firmware wrote {len(data)} bytes, expected {CMSIS_NN_STEPS * H + 2 * H}")
+    h = np.frombuffer(data, np.int8, CMSIS_NN_STEPS * H).reshape(CMSIS_NN_STEPS, H).astype(np.int64)
+    cell = np.frombuffer(data, "<i2", H, CMSIS_NN_STEPS * H).astype(np.int64)
+    return CmsisNNMeasurement(one - empty, long - empty, h, cell)
+
+
+def check_cmsis_nn(model: QuantizedModel, window: np.ndarray, result: CmsisNNMeasurement) -> None:
+    """Raise PerfError unless CMSIS-NN's h after every step and its final cell equal the integer reference."""
+    ref = Reference(model)
+    for t, x_t in enumerate(np.asarray(window).reshape(-1, model.input.features)[:CMSIS_NN_STEPS]):
+        ref.step(x_t)
+        if not np.array_equal(ref.states[0].h[:, 0], result.h[t]):
+            raise PerfError(f"{model.name}: step {t}: CMSIS-NN's h differs from the integer reference")
+    if not np.array_equal(ref.states[0].c[:, 0], result.cell):
+        raise PerfError(f"{model.name}: CMSIS-NN's cell differs from the integer reference")
 
 
 # ---- the benchmark suite -------------------------------------------------------------------------------------
@@ -324,15 +495,30 @@ def _fits(board: Board, model: QuantizedModel, variant: str) -> bool:
     return plan(board, ModelShape.from_model(model), variant=variant).fits
 
 
-def run_suite(work: Path, cache: Path, log: Callable[[str], object] = print) -> dict:
-    """Measure every variant on every suite board over SUITE_SHAPES and the demo shape; returns the records."""
+CMSIS_NN_BOARD = "mps2_an386"  # the board of the CMSIS-NN comparison
+NOT_MEASURED = "not measured"
+
+
+def run_suite(work: Path, cache: Path, log: Callable[[str], object] = print, cmsis_nn: Path | None = None,
+              shapes: tuple[tuple[int, int], ...] = SUITE_SHAPES, boards: dict[str, tuple[str, ...]] | None = None,
+              demo: bool = True) -> dict:
+    """Measure every variant on every suite board over ``shapes`` and the demo shape; returns the records.
+
+    ``cmsis_nn``: a CMSIS-NN checkout, whose arm_lstm_unidirectional_s8 is measured beside the kernels on
+    CMSIS_NN_BOARD over ``shapes`` (without it the comparison says "not measured"). ``boards`` and ``demo``
+    select part of the suite.
+    """
     from tinylstm.boards import load_board
     from tinylstm.export import ModelShape, memory_layout
 
+    boards = SUITE_BOARDS if boards is None else boards
+    if cmsis_nn is not None:
+        cmsis_nn_sources(cmsis_nn)  # a bad checkout fails before anything is measured
     records = []
-    cases = [(f"{i}x{h}", i, h, SUITE_WINDOW) for i, h in SUITE_SHAPES]
-    cases.append(("demo 6x32, window 100", *DEMO_SHAPE, 100))
-    for board_name, variants in SUITE_BOARDS.items():
+    cases = [(f"{i}x{h}", i, h, SUITE_WINDOW) for i, h in shapes]
+    if demo:
+        cases.append(("demo 6x32, window 100", *DEMO_SHAPE, 100))
+    for board_name, variants in boards.items():
         board = load_board(board_name)
         arch = "avr" if board.arch == "avr" else "arm"
         for label, input_size, hidden, window in cases:
@@ -361,9 +547,37 @@ def run_suite(work: Path, cache: Path, log: Callable[[str], object] = print) -> 
                 records.append(record)
                 log(f"{board_name} {variant:9} {label:22} {record['per_step']:>9,} {result.unit}/step "
                     f"{record['per_mac']:>7} /MAC  code {record['code_bytes']:,} B  RAM {record['ram_bytes']:,} B")
-    matrix = avr_matrix_cycles(work, cache)
-    log(f"uno_sim avr: matrix part {matrix['per_mac']} cycles per MAC (marginal, {matrix['method']})")
-    return {"records": records, "avr_matrix": matrix}
+    suite = {"records": records,
+             "cmsis_nn": {"status": NOT_MEASURED} if cmsis_nn is None else
+             cmsis_nn_comparison(cmsis_nn, shapes, work, cache, log)}
+    if "uno_sim" in boards:
+        matrix = avr_matrix_cycles(work, cache)
+        log(f"uno_sim avr: matrix part {matrix['per_mac']} cycles per MAC (marginal, {matrix['method']})")
+        suite["avr_matrix"] = matrix
+    return suite
+
+
+def cmsis_nn_comparison(checkout: Path, shapes: tuple[tuple[int, int], ...], work: Path, cache: Path,
+                        log: Callable[[str], object] = print) -> dict:
+    """CMSIS-NN's arm_lstm_unidirectional_s8 from ``checkout`` on the suite models of ``shapes`` on CMSIS_NN_BOARD,
+    each checked against the integer reference: instructions per steady step (CMSIS_NN_METHOD)."""
+    from tinylstm.boards import load_board
+
+    board = load_board(CMSIS_NN_BOARD)
+    records = []
+    for input_size, hidden in shapes:
+        model = suite_model(input_size, hidden, CMSIS_NN_STEPS)  # the suite's constants whatever the window
+        window = suite_window(model)
+        result = measure_cmsis_nn(model, window, checkout, board, work / f"cmsis-nn-{input_size}x{hidden}", cache)
+        check_cmsis_nn(model, window, result)
+        records.append({"shape": f"{input_size}x{hidden}", "input": input_size, "hidden": hidden,
+                        "per_step": result.steady_step, "one_step_call": result.one_step_call,
+                        "long_call": result.long_call, "bit_exact": True})
+        log(f"{CMSIS_NN_BOARD} cmsis_nn  {input_size}x{hidden:<20} {result.steady_step:>9,} instructions/step")
+    return {"status": "measured", "function": "arm_lstm_unidirectional_s8", "revision": cmsis_nn_revision(checkout),
+            "board": CMSIS_NN_BOARD, "unit": "instructions", "method": CMSIS_NN_METHOD,
+            "compiler": compiler_version(ARM_GCC), "flags": " ".join((*arm_target_flags(board), *ARM_FLAGS)),
+            "records": records}
 
 
 def avr_matrix_cycles(work: Path, cache: Path) -> dict:
@@ -388,7 +602,8 @@ SUITE_BEGIN, SUITE_END = "<!-- bench-suite:begin -->", "<!-- bench-suite:end -->
 
 
 def markdown_table(result: dict) -> str:
-    """The suite's records as a Markdown table, with the compilers and flags that made them."""
+    """The suite's records as a Markdown table, with the compilers and flags that made them, and the CMSIS-NN
+    comparison (or that it was not measured)."""
     lines = ["| board | variant | shape (input x hidden) | per step | per MAC | code (B) | flash constants (B) "
              "| RAM (B) |", "|---|---|---|---|---|---|---|---|"]
     for r in result["records"]:
@@ -396,11 +611,39 @@ def markdown_table(result: dict) -> str:
         step = f"{r['per_step']:,} {unit}" + (f" ({r['per_step_ms']} ms)" if "per_step_ms" in r else "")
         lines.append(f"| {r['board']} | {r['variant']} | {r['shape']} | {step} | {r['per_mac']} | "
                      f"{r['code_bytes']:,} | {r['flash_constants']:,} | {r['ram_bytes']:,} |")
-    matrix = result["avr_matrix"]
+    lines.append("")
+    if "avr_matrix" in result:
+        matrix = result["avr_matrix"]
+        lines += [f"AVR matrix part: {matrix['per_mac']} cycles per multiply-accumulate ({matrix['method']}).", ""]
     builds = sorted({(r["board"], r["compiler"], r["flags"]) for r in result["records"]})
-    lines += ["", f"AVR matrix part: {matrix['per_mac']} cycles per multiply-accumulate ({matrix['method']}).", ""]
     lines += [f"- {board}: `{compiler}`, flags `{flags}`" for board, compiler, flags in builds]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *_cmsis_nn_table(result)]) + "\n"
+
+
+def _cmsis_nn_table(result: dict) -> list[str]:
+    """The CMSIS-NN column beside the tinylstm kernels on CMSIS_NN_BOARD, shape by shape."""
+    cmsis = result["cmsis_nn"]
+    measured = {r["shape"]: r["per_step"] for r in cmsis.get("records", [])}
+    ours = {(r["variant"], r["shape"]): r["per_step"] for r in result["records"] if r["board"] == CMSIS_NN_BOARD}
+    labels = [r["shape"] for r in result["records"] if r["board"] == CMSIS_NN_BOARD and r["window"] == SUITE_WINDOW]
+    if cmsis["status"] == NOT_MEASURED:
+        lines = [f"CMSIS-NN side by side ({CMSIS_NN_BOARD}, instructions per step): CMSIS-NN {NOT_MEASURED} (run "
+                 "`tinylstm bench --suite --cmsis-nn DIR` with a CMSIS-NN checkout in DIR)."]
+    else:
+        lines = [f"CMSIS-NN side by side ({cmsis['board']}, instructions per step): `{cmsis['function']}` at "
+                 f"`{cmsis['revision']}`, `{cmsis['compiler']}`, flags `{cmsis['flags']}`, its h after every step "
+                 f"and its cell equal to the integer reference; steady step = {cmsis['method']}."]
+    lines += ["", "| shape (input x hidden) | MACs per step | CMSIS-NN | tinylstm `arm_dsp` | ratio | "
+              "tinylstm `reference` |", "|---|---|---|---|---|---|"]
+    for label in dict.fromkeys([*labels, *measured]):
+        input_size, hidden = (int(v) for v in label.split("x"))
+        dsp, reference = ours.get(("arm_dsp", label)), ours.get(("reference", label))
+        theirs = measured.get(label)
+        ratio = f"{theirs / dsp:.2f}x" if theirs is not None and dsp else "-"
+        lines.append(f"| ({input_size}, {hidden}) | {4 * hidden * (input_size + hidden):,} | "
+                     f"{NOT_MEASURED if theirs is None else f'{theirs:,}'} | {'-' if dsp is None else f'{dsp:,}'} | "
+                     f"{ratio} | {'-' if reference is None else f'{reference:,}'} |")
+    return lines
 
 
 def write_report(result: dict, json_path: Path, markdown_path: Path) -> None:
