@@ -825,7 +825,13 @@ def search(data: Path | None, dataset: str | None, task: str | None, features: s
                            progress=sr.Progress() if as_json else sr.ConsoleProgress(objective))
     except sr.SearchError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(json.dumps(result.summary, indent=2) if as_json else sr.summary_text(result))
+    except KeyboardInterrupt:
+        raise click.ClickException(f"interrupted; the finished trials are recorded in {out_dir}: continue with "
+                                   "the same command and --resume") from None
+    click.echo(json.dumps(_strict_json(result.summary), indent=2) if as_json else sr.summary_text(result))
+    if result.summary["partial"]:
+        raise click.ClickException(f"the search did not finish ({result.summary['unfinished']} trials unfinished, "
+                                   f"{result.summary['crashed']} lost): continue with the same command and --resume")
     if result.recommended is None or (result.verification is not None and not result.verification["ok"]):
         raise click.exceptions.Exit(1)
 

@@ -725,7 +725,14 @@ def _finish(settings: SearchSettings, out_dir: Path, records: list[dict[str, Any
     picks = {objective: recommend(records, objective) for objective in OBJECTIVES}
     pick = picks[settings.objective]
     config_path = verification = None
-    if pick is not None:
+    counts = {s: sum(r["status"] == s for r in records) for s in ("completed", "stopped", "failed", "crashed")}
+    unfinished = len(chosen) - len(records)
+    partial = unfinished > 0 or counts["crashed"] > 0
+    (out_dir / RECOMMENDED_CONFIG).unlink(missing_ok=True)  # a recommendation stands only for a whole search
+    if partial:
+        progress.message(f"the search is partial: {unfinished + counts['crashed']} of {len(chosen)} trials did not "
+                         "finish, so nothing is recommended; finish it with --resume")
+    elif pick is not None:
         config_path = out_dir / RECOMMENDED_CONFIG
         config = project_config(settings.project, Candidate.from_dict(pick["candidate"]), board.name, fixed, name,
                                 f"tinylstm run {config_path} --out {out_dir / RECOMMENDED_DIR}")
@@ -735,22 +742,23 @@ def _finish(settings: SearchSettings, out_dir: Path, records: list[dict[str, Any
         if verify:
             progress.message(f"confirming {pick['id']}: tinylstm run {config_path} (retrain, build, benchmark)")
             verification = _verify(config, out_dir / RECOMMENDED_DIR, pick, progress)
-    counts = {s: sum(r["status"] == s for r in records) for s in ("completed", "stopped", "failed", "crashed")}
     summary = {
-        "board": board.name, "objective": settings.objective,
+        "board": board.name, "objective": settings.objective, "partial": partial,
         "candidates": len(chosen) + len(pruned), "pruned": len(pruned), "trained": len(records), **counts,
-        "unfinished": len(chosen) - len(records),
+        "unfinished": unfinished,
         "latency_unit": chosen[0]["latency"]["unit"] if chosen else None,
         "cost_model": {"source": cost.source, "fits": [f.to_dict() for f in cost.fits.values()
                                                        if (f.board, f.variant) == (board.name, settings.variant)]}
         if cost else None,
         "pareto_front": [r["id"] for r in front],
         "picks": {objective: (r["id"] if r else None) for objective, r in picks.items()},
-        "recommended": pick, "config": str(config_path) if config_path else None, "verification": verification,
+        "recommended": None if partial else pick, "config": str(config_path) if config_path else None,
+        "verification": verification,
         "records": records, "pruned_candidates": pruned,
     }
     _write_json(out_dir / RESULTS_FILE, summary)
-    return SearchResult(out_dir, records, pruned, front, picks, pick, config_path, verification, summary)
+    return SearchResult(out_dir, records, pruned, front, picks, None if partial else pick, config_path, verification,
+                        summary)
 
 
 def _verify(config: Any, run_dir: Path, pick: dict[str, Any], progress: Progress) -> dict[str, Any]:
@@ -804,6 +812,10 @@ def summary_text(result: SearchResult) -> str:
         lines.append(f"  {rid:<26} INT8 {format_metric(r['result']['metric'], r['result']['int8']):>7}  "
                      f"{format_count(r['latency']['per_window']):>8} {unit}  RAM {r['plan']['ram']:>6,} B  "
                      f"flash {r['plan']['flash']:>7,} B  {'<- ' + ', '.join(tags) if tags else ''}")
+    if s["partial"]:
+        lines.append(f"PARTIAL: {s['unfinished'] + s['crashed']} trials did not finish; nothing is recommended until "
+                     "the search is finished with --resume")
+        return "\n".join(lines)
     if result.recommended is None:
         lines.append("no trial completed: nothing to recommend")
         return "\n".join(lines)
