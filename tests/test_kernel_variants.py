@@ -1,7 +1,8 @@
 """The optimized kernel variants (arm_dsp, avr) against the integer reference and the published vectors.
 
 - On the host: every variant's generated code, with the portable definitions of its instructions, over the 19
-  vectors and the 220+ random models of test_export_c (every h and cell after every step, the output, run()).
+  vectors, the regression vectors and the 220+ random models of test_export_c (every h and cell after every
+  step, the output, run()).
 - In the emulators (slow): the real instructions, arm_dsp in QEMU mps2-an386 and avr in simavr, over the vectors
   and random models (h and cell after every step and the output, read back from the device).
 - The memory layout the planner uses matches the compilers' symbol tables for every variant.
@@ -27,10 +28,12 @@ from tests.test_export_c import (
     _cross_flags,
     _data_objects,
     _model_with_shape,
-    _vector_prefix,
     _write_sources,
     check_models_against_reference,
+    check_regression_vectors,
+    program_models,
     random_cases,  # noqa: F401 (fixture)
+    regression_cases,  # noqa: F401 (fixture)
     vector_cases,  # noqa: F401 (fixture)
 )
 from tests.test_export_c import test_random_models_match_reference as _check_random_models
@@ -57,14 +60,18 @@ needs_simavr = pytest.mark.skipif(not (Path("/usr/include/simavr/sim_avr.h").is_
 
 
 @pytest.fixture(scope="module", params=OPTIMIZED)
-def variant_program(request, tmp_path_factory, vector_cases, random_cases) -> HostProgram:  # noqa: F811
-    models = {_vector_prefix(case.name): case.model for case in vector_cases}
-    models.update({f"r{k}": model for k, (model, _) in enumerate(random_cases)})
-    return HostProgram(models, tmp_path_factory.mktemp(f"host_{request.param}"), request.param)
+def variant_program(request, tmp_path_factory, vector_cases, regression_cases, random_cases  # noqa: F811
+                    ) -> HostProgram:
+    return HostProgram(program_models(vector_cases, regression_cases, random_cases),
+                       tmp_path_factory.mktemp(f"host_{request.param}"), request.param)
 
 
 def test_variant_vectors_bit_exact_on_host(variant_program, vector_cases) -> None:  # noqa: F811
     _check_vectors(variant_program, vector_cases)
+
+
+def test_variant_regression_vectors_on_host(variant_program, regression_cases) -> None:  # noqa: F811
+    check_regression_vectors(variant_program, regression_cases)
 
 
 def test_variant_random_models_match_reference_on_host(variant_program, random_cases) -> None:  # noqa: F811
@@ -133,7 +140,7 @@ def _dsp_tanh_scaling(left_shift: int) -> list[int]:
     """The TL_K_TANH_MULTIPLIER, _ROUND and _SHIFT words of a layer whose cell tanh has this left shift."""
     layer = random_model(1, input_size=1, hidden_sizes=(1,), outputs=None, window=1).layers[0]
     layer = dataclasses.replace(layer, cell_scale_power=left_shift - 12)
-    return [int(w) for w in _dsp_constants(layer)[5:8]]
+    return [int(w) for w in _dsp_constants(layer)[6:9]]
 
 
 # ---- layout against the compilers ----------------------------------------------------------------------------
