@@ -4,7 +4,8 @@
   vectors, the regression vectors and the 220+ random models of test_export_c (every h and cell after every
   step, the output, run()).
 - In the emulators (slow): the real instructions, arm_dsp in QEMU mps2-an386 and avr in simavr, over the vectors
-  and random models (h and cell after every step and the output, read back from the device).
+  and random models (h and cell after every step and the output, read back from the device); the regression
+  vectors with every kernel of both boards.
 - The memory layout the planner uses matches the compilers' symbol tables for every variant.
 - The speed the variants exist for: instructions per step on QEMU, cycles per multiply-accumulate on simavr.
 """
@@ -204,13 +205,21 @@ def _emulator_cases(vector_cases, variant: str) -> list:  # noqa: F811
 
 
 def _run_on_board(board_name: str, variant: str, cases: list, tmp_path: Path) -> None:
+    """Every case that fits the board: the device's h and cell after every step and its output equal the
+    reference's; the random models' unclipped cells reach both ends of the int16 range on the device."""
     board = load_board(board_name)
     cache = tmp_path / "cache"
+    rails = {-32768: 0, 32767: 0}
     for name, model, window in cases:
         if not plan(board, ModelShape.from_model(model), variant=variant).fits:
             continue
         result = perf.measure(model, variant, board, window, tmp_path / name, cache)
         perf.check(model, window, result)
+        for step in result.states:
+            for layer, (_, cell) in zip(model.layers, step, strict=True):
+                if layer.cell_clip == 0:
+                    rails = {rail: count + int(np.sum(cell == rail)) for rail, count in rails.items()}
+    assert all(rails.values()), f"cells at the rails: {rails}"
 
 
 @pytest.mark.slow
@@ -228,6 +237,24 @@ def test_arm_dsp_bit_exact_in_qemu(tmp_path: Path, vector_cases) -> None:  # noq
 @needs_simavr
 def test_avr_bit_exact_in_simavr(tmp_path: Path, vector_cases) -> None:  # noqa: F811
     _run_on_board("uno_sim", "avr", _emulator_cases(vector_cases, "avr"), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("board_name", "variant"), [
+    pytest.param("mps2_an386", "reference", marks=needs_qemu), pytest.param("mps2_an386", "arm_dsp", marks=needs_qemu),
+    pytest.param("uno_sim", "reference", marks=needs_simavr), pytest.param("uno_sim", "avr", marks=needs_simavr)])
+def test_regression_vectors_in_emulators(tmp_path: Path, regression_cases, board_name: str, variant: str  # noqa: F811
+                                         ) -> None:
+    """The regression vectors (first batch row) on the device: h after every step, and the final h and cell
+    state, equal the values recorded in each file."""
+    for regression in regression_cases:
+        case = regression.case
+        result = perf.measure(case.model, variant, load_board(board_name), case.inputs[0], tmp_path / case.name,
+                              tmp_path / "cache")
+        np.testing.assert_array_equal(np.stack([s[0][0] for s in result.states]), case.expected[0], err_msg=case.name)
+        h, cell = result.states[-1][0]
+        np.testing.assert_array_equal(h, regression.final_h[0], err_msg=f"{case.name}: final h")
+        np.testing.assert_array_equal(cell, regression.final_cell[0], err_msg=f"{case.name}: final cell")
 
 
 @pytest.mark.slow
