@@ -158,11 +158,13 @@ def random_model(seed: int, *, layers: int | None = None, input_size: int | None
     """A valid random model; every argument left out is drawn from the seed.
 
     outputs: an int for a dense head of that size, None for no head, True to draw it (or its absence).
-    rails: the share of layers whose cells are driven to the int16 rails (drive_cells_to_rails). Those draws come
-    from a second generator, so the other parameters of a seed's model do not depend on them.
+    rails: the share of layers whose cells are driven to the int16 rails (drive_cells_to_rails); like the other
+    extreme parameters, none with extreme = 0 (realistic models). Those draws come from a second generator, so
+    the other parameters of a seed's model do not depend on them.
     """
     rng = np.random.default_rng(seed)
     rail_rng = np.random.default_rng([seed, 1])
+    rail_share = rails if extreme > 0 else 0.0
     if hidden_sizes is None:
         n = layers if layers is not None else int(rng.integers(1, 4))
         hidden_sizes = tuple(_size(rng, 128, big) for _ in range(n))
@@ -177,7 +179,7 @@ def random_model(seed: int, *, layers: int | None = None, input_size: int | None
     previous, zero_point = input_size, input_zero_point
     for hidden in hidden_sizes:
         layer = random_layer(rng, previous, hidden, zero_point, per_channel=per_channel, extreme=extreme)
-        stack.append(drive_cells_to_rails(layer, rail_rng) if rail_rng.random() < rails else layer)
+        stack.append(drive_cells_to_rails(layer, rail_rng) if rail_rng.random() < rail_share else layer)
         previous, zero_point = hidden, stack[-1].output_zero_point
     if outputs is True:
         outputs = int(rng.integers(1, 17)) if rng.random() < 0.7 else None
