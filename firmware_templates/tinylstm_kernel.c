@@ -204,7 +204,7 @@ void tinylstm_lstm_step(const tinylstm_lstm_params *params, const int8_t *x, int
             INT16_MIN, INT16_MAX);
         const int32_t added =
             tinylstm_requantize(input_gate * candidate, p.input_to_cell_multiplier, p.input_to_cell_shift);
-        cell[j] = (int16_t)add_clamp(added, kept, -p.cell_clip, p.cell_clip);
+        cell[j] = (int16_t)add_clamp(added, kept, p.cell_min, p.cell_max);
 
         const int32_t squashed = tinylstm_tanh(cell[j], p.cell_tanh_shift);
         const int32_t scaled = tinylstm_requantize(output_gate * squashed, p.output_multiplier, p.output_shift);

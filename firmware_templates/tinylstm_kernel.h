@@ -49,7 +49,8 @@ typedef struct {
     int32_t output_multiplier;         /* output * tanh(cell) -> h */
     uint16_t input_size;
     uint16_t hidden_size;
-    int16_t cell_clip;                 /* |cell| <= cell_clip (32767 when unclipped) */
+    int16_t cell_min;                  /* cell_min <= cell <= cell_max: -cell_clip and cell_clip, */
+    int16_t cell_max;                  /* or -32768 and 32767 when cell_clip is 0 (no clipping) */
     int8_t forget_to_cell_shift;
     int8_t input_to_cell_shift;
     int8_t output_shift;

@@ -309,21 +309,22 @@ static inline int32_t tl_rq(int32_t v, const int32_t *k)
 }
 
 /*
- * A layer's constant table (int32 words; tinylstm/export.py writes it): its sizes, the cell clip, h's zero point,
- * the scaling of tanh(c)'s input ((c * multiplier + round) >> shift: the reference's 3 * 2^left_shift), three
- * requantizations for the cell and h, then eight per unit for the gates, or eight for all units with
- * per-tensor scales (TL_K_GATE_STEP is 0 then).
+ * A layer's constant table (int32 words; tinylstm/export.py writes it): its sizes, the cell's bounds (-cell_clip
+ * and cell_clip, or -32768 and 32767 when cell_clip is 0), h's zero point, the scaling of tanh(c)'s input
+ * ((c * multiplier + round) >> shift: the reference's 3 * 2^left_shift), three requantizations for the cell and h,
+ * then eight per unit for the gates, or eight for all units with per-tensor scales (TL_K_GATE_STEP is 0 then).
  */
 #define TL_K_INPUTS 0
 #define TL_K_HIDDEN 1
 #define TL_K_GATE_STEP 2 /* words from one unit's gate requantizations to the next's: 24 or 0 */
-#define TL_K_CLIP 3
-#define TL_K_ZERO_POINT 4
-#define TL_K_TANH_MULTIPLIER 5
-#define TL_K_TANH_ROUND 6
-#define TL_K_TANH_SHIFT 7
-#define TL_K_CELL 8   /* f * c, i * g, o * tanh(c): 3 words each */
-#define TL_K_GATES 17 /* per gate i, f, g, o: the input half, then the h half, 3 words each */
+#define TL_K_CELL_MIN 3
+#define TL_K_CELL_MAX 4
+#define TL_K_ZERO_POINT 5
+#define TL_K_TANH_MULTIPLIER 6
+#define TL_K_TANH_ROUND 7
+#define TL_K_TANH_SHIFT 8
+#define TL_K_CELL 9   /* f * c, i * g, o * tanh(c): 3 words each */
+#define TL_K_GATES 18 /* per gate i, f, g, o: the input half, then the h half, 3 words each */
 
 /*
  * sigmoid and tanh through the activation table (tinylstm_dsp_activation_table): for each index n
@@ -381,9 +382,8 @@ static TL_DSP_OUT_OF_LINE void tl_dsp_layer(const int32_t *k, const uint32_t *w,
         const int32_t f = tl_dsp_sigmoid(tl_dsp_gate(acc, q, 1u), table);
         const int32_t g = tl_dsp_tanh(3 * tl_dsp_gate(acc, q, 2u), table);
         const int32_t o = tl_dsp_sigmoid(tl_dsp_gate(acc, q, 3u), table);
-        const int32_t clip = k[TL_K_CLIP];
         const int32_t kept = tl_ssat16(tl_rq(f * cell[j], k + TL_K_CELL));
-        const int32_t c = tl_clamp(tl_qadd(tl_rq(i * g, k + TL_K_CELL + 3), kept), -clip, clip);
+        const int32_t c = tl_clamp(tl_qadd(tl_rq(i * g, k + TL_K_CELL + 3), kept), k[TL_K_CELL_MIN], k[TL_K_CELL_MAX]);
         cell[j] = (int16_t)c;
         const int32_t scaled = tl_asr(c * k[TL_K_TANH_MULTIPLIER] + k[TL_K_TANH_ROUND], (unsigned)k[TL_K_TANH_SHIFT]);
         const int32_t out = tl_rq(o * tl_dsp_tanh(scaled, table), k + TL_K_CELL + 6);

@@ -55,7 +55,8 @@ typedef struct {
     int32_t output_multiplier;
     uint16_t input_size;
     uint16_t hidden_size;
-    int16_t cell_clip;
+    int16_t cell_min; /* the cell's bounds: -cell_clip and cell_clip, or the int16 range when cell_clip is 0 */
+    int16_t cell_max;
     int8_t forget_to_cell_shift;
     int8_t input_to_cell_shift;
     int8_t output_shift;
@@ -395,8 +396,8 @@ static TL_AVR_OUT_OF_LINE void tl_avr_layer(const tinylstm_avr_layer_params *par
         const int16_t kept =
             tl_avr_sat16(tl_avr_requantize((int32_t)f * cell[j], p.forget_to_cell_multiplier, p.forget_to_cell_shift));
         const int16_t c = tl_avr_add_clamp(
-            tl_avr_requantize((int32_t)i * g, p.input_to_cell_multiplier, p.input_to_cell_shift), kept,
-            (int16_t)-p.cell_clip, p.cell_clip);
+            tl_avr_requantize((int32_t)i * g, p.input_to_cell_multiplier, p.input_to_cell_shift), kept, p.cell_min,
+            p.cell_max);
         cell[j] = c;
         const int32_t out =
             tl_avr_requantize((int32_t)o * tl_avr_tanh(c, p.cell_tanh_shift), p.output_multiplier, p.output_shift);

@@ -2,11 +2,13 @@
 
 Most parameters are realistic (multipliers chosen so the gates see values of order one); a share of them is
 extreme (largest multipliers and shifts, int32 biases near the wrap, clipped cells) so that every saturation
-and wrap path of the arithmetic is exercised.
+and wrap path of the arithmetic is exercised. A share of the layers is unclipped (cell_clip = 0) with gates that
+drive cells to both ends of the int16 range and hold them there (``drive_cells_to_rails``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -99,6 +101,35 @@ def random_layer(rng: np.random.Generator, input_size: int, hidden_size: int, in
     )
 
 
+def drive_cells_to_rails(layer: LSTMLayer, rng: np.random.Generator) -> LSTMLayer:
+    """``layer`` unclipped (cell_clip = 0), with gates that push its cells to -32768 and 32767 and keep them there:
+    input and forget gates near 1 (a large bias on their input half), a forget_to_cell of exactly 2^-15 (TFLite's
+    power-of-two cell scale), a cell scale of 2^-15 to 2^-13 (a few steps from 0 to a rail), and per unit a
+    candidate held near +1 or -1 by a large bias, or following its inputs through a 16 times larger multiplier
+    (the cell then jumps from rail to rail). h, fed back through the hidden weights, carries the saturated cells
+    into the next step."""
+    H, In = layer.hidden_size, layer.input_size
+    acc_x = _INT8_STD * _INT8_STD * math.sqrt(In)
+    acc_h = _INT8_STD * _INT8_STD * math.sqrt(H)
+    q_shape = layer.input_multiplier.shape
+    mx, sx = _requant_array(rng, 4096 / acc_x, q_shape, 0.0)
+    mx[2], sx[2] = _requant_array(rng, 16 * 4096 / acc_x, q_shape[1:], 0.0)
+    mh, sh = _requant_array(rng, 4096 / acc_h, q_shape, 0.0)
+    large = round(64 * acc_x)  # the input half saturates to 8.0 in Q3.12 whatever the inputs
+    bias = layer.bias.copy()
+    bias[0] = bias[1] = large
+    bias[2] = rng.choice([-large, 0, large], size=H)
+    cell_scale_power = int(rng.integers(-15, -12))
+    ftc = quantize_multiplier(2.0**-15)
+    itc = quantize_multiplier(2.0 ** (-30 - cell_scale_power))
+    return dataclasses.replace(
+        layer, cell_clip=0, cell_scale_power=cell_scale_power, bias=bias,
+        input_multiplier=mx, input_shift=sx, hidden_multiplier=mh, hidden_shift=sh,
+        forget_to_cell_multiplier=ftc[0], forget_to_cell_shift=ftc[1],
+        input_to_cell_multiplier=itc[0], input_to_cell_shift=itc[1],
+    )
+
+
 def random_head(rng: np.random.Generator, input_size: int, output_size: int, input_zero_point: int, *,
                 per_channel: bool, extreme: float = 0.1) -> DenseHead:
     acc = _INT8_STD * _INT8_STD * math.sqrt(input_size)
@@ -122,12 +153,18 @@ def _size(rng: np.random.Generator, largest: int, big: float) -> int:
 def random_model(seed: int, *, layers: int | None = None, input_size: int | None = None,
                  hidden_sizes: tuple[int, ...] | None = None, outputs: int | None | bool = True,
                  window: int | None = None, per_channel: bool | None = None,
-                 head_per_channel: bool | None = None, extreme: float = 0.1, big: float = 0.08) -> QuantizedModel:
+                 head_per_channel: bool | None = None, extreme: float = 0.1, big: float = 0.08,
+                 rails: float = 0.2) -> QuantizedModel:
     """A valid random model; every argument left out is drawn from the seed.
 
     outputs: an int for a dense head of that size, None for no head, True to draw it (or its absence).
+    rails: the share of layers whose cells are driven to the int16 rails (drive_cells_to_rails); like the other
+    extreme parameters, none with extreme = 0 (realistic models). Those draws come from a second generator, so
+    the other parameters of a seed's model do not depend on them.
     """
     rng = np.random.default_rng(seed)
+    rail_rng = np.random.default_rng([seed, 1])
+    rail_share = rails if extreme > 0 else 0.0
     if hidden_sizes is None:
         n = layers if layers is not None else int(rng.integers(1, 4))
         hidden_sizes = tuple(_size(rng, 128, big) for _ in range(n))
@@ -141,7 +178,8 @@ def random_model(seed: int, *, layers: int | None = None, input_size: int | None
     stack = []
     previous, zero_point = input_size, input_zero_point
     for hidden in hidden_sizes:
-        stack.append(random_layer(rng, previous, hidden, zero_point, per_channel=per_channel, extreme=extreme))
+        layer = random_layer(rng, previous, hidden, zero_point, per_channel=per_channel, extreme=extreme)
+        stack.append(drive_cells_to_rails(layer, rail_rng) if rail_rng.random() < rail_share else layer)
         previous, zero_point = hidden, stack[-1].output_zero_point
     if outputs is True:
         outputs = int(rng.integers(1, 17)) if rng.random() < 0.7 else None

@@ -1,8 +1,9 @@
 """The generated C: bit-exact with the published vectors and with the integer reference, builds for Cortex-M4
 and AVR, and occupies exactly the memory that ``memory_layout`` reports.
 
-The host tests compile every model (19 vectors and 200+ random models, each under its own prefix) into one
-program built with AddressSanitizer and UndefinedBehaviorSanitizer, and drive it through stdin/stdout.
+The host tests compile every model (19 vectors, the regression vectors and 200+ random models, each under its
+own prefix) into one program built with AddressSanitizer and UndefinedBehaviorSanitizer, and drive it through
+stdin/stdout.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from hypothesis import strategies as st
 
 from tests.cmsis_vectors import VECTOR_FILES, load_case
 from tests.random_models import random_model, random_windows
+from tests.regression_vectors import RegressionCase
+from tests.regression_vectors import regression_cases as load_regression_cases
 from tinylstm import qmodel
 from tinylstm.cli import main as cli
 from tinylstm.export import (
@@ -228,6 +231,11 @@ def vector_cases() -> list:
 
 
 @pytest.fixture(scope="module")
+def regression_cases() -> list[RegressionCase]:
+    return load_regression_cases()
+
+
+@pytest.fixture(scope="module")
 def random_cases() -> list[tuple[QuantizedModel, np.ndarray]]:
     models = [random_model(seed) for seed in range(RANDOM_MODELS)]
     cases = [(m, random_windows(10_000 + seed, m, WINDOWS_PER_MODEL)) for seed, m in enumerate(models)]
@@ -242,11 +250,18 @@ def random_cases() -> list[tuple[QuantizedModel, np.ndarray]]:
     return cases
 
 
-@pytest.fixture(scope="module")
-def host_program(tmp_path_factory: pytest.TempPathFactory, vector_cases: list, random_cases: list) -> HostProgram:
+def program_models(vector_cases: list, regression_cases: list, random_cases: list) -> dict[str, QuantizedModel]:
+    """The models of a host program by prefix: the vectors, the regression vectors, then r0, r1, ..."""
     models = {_vector_prefix(case.name): case.model for case in vector_cases}
+    models.update({_vector_prefix(r.case.name): r.case.model for r in regression_cases})
     models.update({f"r{k}": model for k, (model, _) in enumerate(random_cases)})
-    return HostProgram(models, tmp_path_factory.mktemp("host"))
+    return models
+
+
+@pytest.fixture(scope="module")
+def host_program(tmp_path_factory: pytest.TempPathFactory, vector_cases: list, regression_cases: list,
+                 random_cases: list) -> HostProgram:
+    return HostProgram(program_models(vector_cases, regression_cases, random_cases), tmp_path_factory.mktemp("host"))
 
 
 def _initial_state(model: QuantizedModel) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -278,20 +293,54 @@ def test_vectors_bit_exact_on_host(host_program: HostProgram, vector_cases: list
         assert np.array_equal(result.run_output, h_expected[-1]), f"{name} batch {b}: run()"
 
 
+def test_regression_vectors_on_host(host_program: HostProgram, regression_cases: list) -> None:
+    check_regression_vectors(host_program, regression_cases)
+
+
+def check_regression_vectors(program: HostProgram, regression_cases: list) -> None:
+    """The regression vectors: h after every step, and the final h and cell state, equal the values of the integer
+    model of CMSIS-NN recorded in each file."""
+    jobs, expected = [], []
+    for regression in regression_cases:
+        index = program.prefixes.index(_vector_prefix(regression.case.name))
+        for b in range(regression.case.inputs.shape[0]):
+            jobs.append((index, regression.case.inputs[b]))
+            expected.append((regression, b))
+    for (regression, b), result in zip(expected, program.run(jobs), strict=True):
+        where = f"{regression.case.name} batch {b}"
+        h_steps = np.stack([steps[0][0] for steps in result.steps])
+        assert np.array_equal(h_steps, regression.case.expected[b]), f"{where}: h differs from the expected output"
+        h, c = result.steps[-1][0]
+        np.testing.assert_array_equal(h, regression.final_h[b], err_msg=f"{where}: final h")
+        np.testing.assert_array_equal(c, regression.final_cell[b], err_msg=f"{where}: final cell")
+
+
+@dataclass
+class Coverage:
+    """What a run of the random models reached: saturated outputs, and cells of unclipped layers (cell_clip = 0)
+    at each end of the int16 range, counted per step, window and unit."""
+
+    saturated: int
+    outputs: int
+    cells_at_min: int  # cell == -32768
+    cells_at_max: int  # cell == 32767
+
+
 def test_random_models_match_reference(host_program: HostProgram, random_cases: list) -> None:
     """Every output and every layer's h and c after every step; streaming equals run(); reset restores."""
-    saturated, total = check_models_against_reference(host_program, random_cases)
-    # The set must exercise both the linear range and saturation.
-    assert 0.05 < saturated / total < 0.8, f"{saturated} of {total} outputs saturated"
+    coverage = check_models_against_reference(host_program, random_cases)
+    # The set must exercise both the linear range and saturation, and unclipped cells at both rails.
+    assert 0.05 < coverage.saturated / coverage.outputs < 0.8, coverage
+    assert coverage.cells_at_min > 0 and coverage.cells_at_max > 0, coverage
 
 
-def check_models_against_reference(host_program: HostProgram, random_cases: list) -> tuple[int, int]:
+def check_models_against_reference(host_program: HostProgram, random_cases: list) -> Coverage:
     """Check models r0, r1, ... of the program on their windows against the reference, as
-    test_random_models_match_reference describes; returns (saturated outputs, outputs)."""
+    test_random_models_match_reference describes; returns what the outputs and cells reached."""
     offset = host_program.prefixes.index("r0")
     jobs = [(offset + k, w) for k, (_, windows) in enumerate(random_cases) for w in windows]
     results = iter(host_program.run(jobs))
-    saturated = total = 0
+    coverage = Coverage(0, 0, 0, 0)
     for k, (model, windows) in enumerate(random_cases):
         ref = Reference(model, columns=len(windows))
         expected_steps = []
@@ -307,13 +356,17 @@ def check_models_against_reference(host_program: HostProgram, random_cases: list
             _assert_state(result.after_reset, initial, f"{where}, after reset")
             for t, step in enumerate(result.steps):
                 _assert_state(step, [(h[:, j], c[:, j]) for h, c in expected_steps[t]], f"{where}, step {t}")
+                for layer, (_, c) in zip(model.layers, step, strict=True):
+                    if layer.cell_clip == 0:
+                        coverage.cells_at_min += int(np.sum(c == -32768))
+                        coverage.cells_at_max += int(np.sum(c == 32767))
             assert np.array_equal(result.output, expected_output[j]), f"{where}: output"
             assert np.array_equal(result.run_output, result.output), f"{where}: run() differs from streaming"
             _assert_state(result.after_run, result.steps[-1], f"{where}, after run()")
             _assert_state(result.after_second_reset, initial, f"{where}, after the second reset")
-            saturated += int(np.sum(np.abs(result.output) >= 127))
-            total += result.output.size
-    return saturated, total
+            coverage.saturated += int(np.sum(np.abs(result.output) >= 127))
+            coverage.outputs += result.output.size
+    return coverage
 
 
 def test_random_models_cover_the_range(random_cases: list) -> None:
@@ -511,9 +564,9 @@ def test_memory_layout_figures() -> None:
     assert arm["l0_input_weights"] == 4 * 8 * 3 and arm["l0_hidden_weights"] == 4 * 8 * 8
     assert arm["l0_input_bias"] == 4 * 8 * 4 and arm["l0_input_multiplier"] == 16 and arm["l0_input_shift"] == 4
     assert arm["state_cell"] == 16 and arm["scratch"] == 8 and arm["head_multiplier"] == 4
-    # 8 pointers + 3 int32 + 3 int16 + 6 int8 = 56 bytes on Arm, 40 on AVR, 88 on x86-64
-    assert arm["l0_params"] == 56 and arm["head_params"] == 24  # 4 pointers + 2 int16 + 2 int8, padded to 4
-    assert {b.name: b.nbytes for b in memory_layout(shape, "avr")}["l0_params"] == 40
+    # 8 pointers + 3 int32 + 4 int16 + 6 int8 = 58 bytes, padded to 60 on Arm; 42 on AVR (16-bit pointers)
+    assert arm["l0_params"] == 60 and arm["head_params"] == 24  # 4 pointers + 2 int16 + 2 int8, padded to 4
+    assert {b.name: b.nbytes for b in memory_layout(shape, "avr")}["l0_params"] == 42
     assert {b.name: b.nbytes for b in memory_layout(shape, "host")}["head_params"] == 4 * 8 + 8
     with pytest.raises(ValueError, match="unknown architecture"):
         memory_layout(shape, "pdp11")

@@ -1,6 +1,7 @@
 """End to end on the emulated boards: generate a PlatformIO project, build it with `pio run` (offline), start the
-emulator, and check over the HIL protocol that the device's output bytes equal the published CMSIS-NN vectors
-and the integer reference, bit for bit, for whole windows (RUN) and step-by-step streaming after a RESET.
+emulator, and check over the HIL protocol that the device's output bytes equal the published CMSIS-NN vectors,
+the regression vectors and the integer reference, bit for bit, for whole windows (RUN) and step-by-step streaming
+after a RESET.
 
 Each board builds its models into as few firmwares as fit (several models per firmware, selected by hash), once
 with the reference kernel and once with the board's optimized kernel variant (export.default_variant): the
@@ -14,6 +15,7 @@ import pytest
 
 from tests.cmsis_vectors import VECTOR_FILES, load_case
 from tests.random_models import random_model, random_windows
+from tests.regression_vectors import regression_cases
 from tinylstm import budget, export, firmware, hil
 from tinylstm.boards import load_board
 from tinylstm.export import ModelShape
@@ -74,7 +76,7 @@ def _groups(board: str, variant: str, models: list) -> list[list]:
 def board_firmwares(request, tmp_path_factory):
     """(board, cases, [(elf, models)]) with every vector and random model built for the board with the variant."""
     board, variant = request.param
-    cases = [load_case(path) for path in VECTOR_FILES]
+    cases = [load_case(path) for path in VECTOR_FILES] + [r.case for r in regression_cases()]
     models = [c.model for c in cases] + _random_models(board, variant)
     builds = []
     for n, group in enumerate(_groups(board, variant, models)):
@@ -109,6 +111,7 @@ def test_models_bit_exact(board_firmwares, device_factory):
     board, cases, builds = board_firmwares
     vector_expected = {c.model.digest(): c for c in cases}
     checked = 0
+    rails = {-32768: 0, 32767: 0}  # steps of the streamed random windows with an unclipped cell at a rail
     for elf, group in builds:
         _, device = device_factory(board, elf)
         assert device.info.board == board and device.info.model_count == len(group)
@@ -136,8 +139,13 @@ def test_models_bit_exact(board_firmwares, device_factory):
                 step = device.step(x_t)
                 expected = case.expected[0][t] if case is not None else reference.output()
                 np.testing.assert_array_equal(step.output, expected, err_msg=f"{board} {model.name} step {t}")
+                for layer, state in zip(model.layers, reference.states, strict=True):
+                    if case is None and layer.cell_clip == 0:
+                        rails = {rail: count + int(np.sum(state.c == rail)) for rail, count in rails.items()}
             checked += 1
     assert checked == len(cases) + RANDOM_MODELS
+    # The random models drive unclipped cells to both ends of the int16 range (tests/random_models.py).
+    assert all(rails.values()), f"cells at the rails: {rails}"
 
 
 def test_protocol_robustness(board_firmwares, device_factory):

@@ -1,9 +1,11 @@
 """The optimized kernel variants (arm_dsp, avr) against the integer reference and the published vectors.
 
 - On the host: every variant's generated code, with the portable definitions of its instructions, over the 19
-  vectors and the 220+ random models of test_export_c (every h and cell after every step, the output, run()).
+  vectors, the regression vectors and the 220+ random models of test_export_c (every h and cell after every
+  step, the output, run()).
 - In the emulators (slow): the real instructions, arm_dsp in QEMU mps2-an386 and avr in simavr, over the vectors
-  and random models (h and cell after every step and the output, read back from the device).
+  and random models (h and cell after every step and the output, read back from the device); the regression
+  vectors with every kernel of both boards.
 - The memory layout the planner uses matches the compilers' symbol tables for every variant.
 - The speed the variants exist for: instructions per step on QEMU, cycles per multiply-accumulate on simavr.
 """
@@ -27,10 +29,12 @@ from tests.test_export_c import (
     _cross_flags,
     _data_objects,
     _model_with_shape,
-    _vector_prefix,
     _write_sources,
     check_models_against_reference,
+    check_regression_vectors,
+    program_models,
     random_cases,  # noqa: F401 (fixture)
+    regression_cases,  # noqa: F401 (fixture)
     vector_cases,  # noqa: F401 (fixture)
 )
 from tests.test_export_c import test_random_models_match_reference as _check_random_models
@@ -56,14 +60,18 @@ needs_simavr = pytest.mark.skipif(not (Path("/usr/include/simavr/sim_avr.h").is_
 
 
 @pytest.fixture(scope="module", params=OPTIMIZED)
-def variant_program(request, tmp_path_factory, vector_cases, random_cases) -> HostProgram:  # noqa: F811
-    models = {_vector_prefix(case.name): case.model for case in vector_cases}
-    models.update({f"r{k}": model for k, (model, _) in enumerate(random_cases)})
-    return HostProgram(models, tmp_path_factory.mktemp(f"host_{request.param}"), request.param)
+def variant_program(request, tmp_path_factory, vector_cases, regression_cases, random_cases  # noqa: F811
+                    ) -> HostProgram:
+    return HostProgram(program_models(vector_cases, regression_cases, random_cases),
+                       tmp_path_factory.mktemp(f"host_{request.param}"), request.param)
 
 
 def test_variant_vectors_bit_exact_on_host(variant_program, vector_cases) -> None:  # noqa: F811
     _check_vectors(variant_program, vector_cases)
+
+
+def test_variant_regression_vectors_on_host(variant_program, regression_cases) -> None:  # noqa: F811
+    check_regression_vectors(variant_program, regression_cases)
 
 
 def test_variant_random_models_match_reference_on_host(variant_program, random_cases) -> None:  # noqa: F811
@@ -131,7 +139,7 @@ def _dsp_tanh_scaling(left_shift: int) -> list[int]:
     """The TL_K_TANH_MULTIPLIER, _ROUND and _SHIFT words of a layer whose cell tanh has this left shift."""
     layer = random_model(1, input_size=1, hidden_sizes=(1,), outputs=None, window=1).layers[0]
     layer = dataclasses.replace(layer, cell_scale_power=left_shift - 12)
-    return [int(w) for w in _dsp_constants(layer)[5:8]]
+    return [int(w) for w in _dsp_constants(layer)[6:9]]
 
 
 # ---- layout against the compilers ----------------------------------------------------------------------------
@@ -195,13 +203,21 @@ def _emulator_cases(vector_cases, variant: str) -> list:  # noqa: F811
 
 
 def _run_on_board(board_name: str, variant: str, cases: list, tmp_path: Path) -> None:
+    """Every case that fits the board: the device's h and cell after every step and its output equal the
+    reference's; the random models' unclipped cells reach both ends of the int16 range on the device."""
     board = load_board(board_name)
     cache = tmp_path / "cache"
+    rails = {-32768: 0, 32767: 0}
     for name, model, window in cases:
         if not plan(board, ModelShape.from_model(model), variant=variant).fits:
             continue
         result = perf.measure(model, variant, board, window, tmp_path / name, cache)
         perf.check(model, window, result)
+        for step in result.states:
+            for layer, (_, cell) in zip(model.layers, step, strict=True):
+                if layer.cell_clip == 0:
+                    rails = {rail: count + int(np.sum(cell == rail)) for rail, count in rails.items()}
+    assert all(rails.values()), f"cells at the rails: {rails}"
 
 
 @pytest.mark.slow
@@ -219,6 +235,24 @@ def test_arm_dsp_bit_exact_in_qemu(tmp_path: Path, vector_cases) -> None:  # noq
 @needs_simavr
 def test_avr_bit_exact_in_simavr(tmp_path: Path, vector_cases) -> None:  # noqa: F811
     _run_on_board("uno_sim", "avr", _emulator_cases(vector_cases, "avr"), tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("board_name", "variant"), [
+    pytest.param("mps2_an386", "reference", marks=needs_qemu), pytest.param("mps2_an386", "arm_dsp", marks=needs_qemu),
+    pytest.param("uno_sim", "reference", marks=needs_simavr), pytest.param("uno_sim", "avr", marks=needs_simavr)])
+def test_regression_vectors_in_emulators(tmp_path: Path, regression_cases, board_name: str, variant: str  # noqa: F811
+                                         ) -> None:
+    """The regression vectors (first batch row) on the device: h after every step, and the final h and cell
+    state, equal the values recorded in each file."""
+    for regression in regression_cases:
+        case = regression.case
+        result = perf.measure(case.model, variant, load_board(board_name), case.inputs[0], tmp_path / case.name,
+                              tmp_path / "cache")
+        np.testing.assert_array_equal(np.stack([s[0][0] for s in result.states]), case.expected[0], err_msg=case.name)
+        h, cell = result.states[-1][0]
+        np.testing.assert_array_equal(h, regression.final_h[0], err_msg=f"{case.name}: final h")
+        np.testing.assert_array_equal(cell, regression.final_cell[0], err_msg=f"{case.name}: final cell")
 
 
 @pytest.mark.slow

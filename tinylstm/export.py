@@ -19,7 +19,7 @@ import jinja2
 import numpy as np
 
 from tinylstm.qmodel import LSTMLayer, QuantizedModel
-from tinylstm.reference import INT16_MAX, SIGMOID_TABLE, LayerKernel, wrap_int32
+from tinylstm.reference import INT16_MAX, SIGMOID_TABLE, LayerKernel, cell_bounds, wrap_int32
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "firmware_templates"
 KERNEL_FILES = ("tinylstm_kernel.h", "tinylstm_kernel.c")
@@ -50,7 +50,8 @@ _STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("input_multiplier", "ptr"), ("input_shift", "ptr"), ("hidden_multiplier", "ptr"), ("hidden_shift", "ptr"),
         ("forget_to_cell_multiplier", "int32_t"), ("input_to_cell_multiplier", "int32_t"),
         ("output_multiplier", "int32_t"), ("input_size", "uint16_t"), ("hidden_size", "uint16_t"),
-        ("cell_clip", "int16_t"), ("forget_to_cell_shift", "int8_t"), ("input_to_cell_shift", "int8_t"),
+        ("cell_min", "int16_t"), ("cell_max", "int16_t"), ("forget_to_cell_shift", "int8_t"),
+        ("input_to_cell_shift", "int8_t"),
         ("output_shift", "int8_t"), ("cell_tanh_shift", "int8_t"), ("output_zero_point", "int8_t"),
         ("per_channel", "uint8_t"),
     ),
@@ -58,7 +59,8 @@ _STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
         ("weights", "ptr"), ("bias", "ptr"), ("multiplier", "ptr"), ("shift", "ptr"),
         ("forget_to_cell_multiplier", "int32_t"), ("input_to_cell_multiplier", "int32_t"),
         ("output_multiplier", "int32_t"), ("input_size", "uint16_t"), ("hidden_size", "uint16_t"),
-        ("cell_clip", "int16_t"), ("forget_to_cell_shift", "int8_t"), ("input_to_cell_shift", "int8_t"),
+        ("cell_min", "int16_t"), ("cell_max", "int16_t"), ("forget_to_cell_shift", "int8_t"),
+        ("input_to_cell_shift", "int8_t"),
         ("output_shift", "int8_t"), ("cell_tanh_shift", "int8_t"), ("output_zero_point", "int8_t"),
         ("gate_step", "uint8_t"),
     ),
@@ -271,13 +273,15 @@ def kernel_layout(arch: str, variant: str = "reference") -> list[Buffer]:
 
 def _layer_scalars(layer: LSTMLayer) -> dict[str, int]:
     """The scalar fields a layer's parameter struct holds, in every kernel: sizes and the cell constants."""
+    cell_min, cell_max = cell_bounds(layer.cell_clip)
     return {
         "forget_to_cell_multiplier": layer.forget_to_cell_multiplier,
         "input_to_cell_multiplier": layer.input_to_cell_multiplier,
         "output_multiplier": layer.output_multiplier,
         "input_size": layer.input_size,
         "hidden_size": layer.hidden_size,
-        "cell_clip": layer.cell_clip if layer.cell_clip > 0 else INT16_MAX,
+        "cell_min": cell_min,
+        "cell_max": cell_max,
         "forget_to_cell_shift": layer.forget_to_cell_shift,
         "input_to_cell_shift": layer.input_to_cell_shift,
         "output_shift": layer.output_shift,
@@ -522,10 +526,10 @@ def _avr_layer_structs(model: QuantizedModel) -> dict[str, dict[str, int | str]]
     return structs
 
 
-# A layer's constant table for tl_dsp_layer (the TL_K_* offsets of tinylstm_kernel_arm_dsp.h): eight words of sizes
+# A layer's constant table for tl_dsp_layer (the TL_K_* offsets of tinylstm_kernel_arm_dsp.h): nine words of sizes
 # and scalars, three requantizations for the cell and h, then eight gate requantizations per unit (per channel) or
 # for all units; three words each.
-_DSP_GATES = 17
+_DSP_GATES = 18
 _DSP_UNIT_WORDS = 24
 
 
@@ -538,7 +542,7 @@ def _dsp_requantization(multiplier: int, shift: int) -> list[int]:
 def _dsp_constants(layer: LSTMLayer) -> np.ndarray:
     """The layer's constant table (tinylstm_kernel_arm_dsp.h, TL_K_*) as int32 words."""
     words = [layer.input_size, layer.hidden_size, _DSP_UNIT_WORDS if layer.per_channel else 0,
-             layer.cell_clip if layer.cell_clip > 0 else INT16_MAX, layer.output_zero_point]
+             *cell_bounds(layer.cell_clip), layer.output_zero_point]
     # tanh(c)'s input: c * 3 * 2^left_shift, or (c * 3 + 2^(right - 1)) >> right for a negative left shift.
     left_shift = layer.cell_scale_power + 12
     right = max(-left_shift, 0)

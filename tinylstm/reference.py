@@ -37,6 +37,12 @@ SIGMOID_TABLE = np.array([
 INT16_MIN, INT16_MAX = -32768, 32767
 
 
+def cell_bounds(cell_clip: int) -> tuple[int, int]:
+    """The cell state's (lower, upper) bounds: (-cell_clip, cell_clip), or the int16 range when cell_clip is 0
+    (no clipping), as CMSIS-NN's arm_elementwise_mul_acc_s16 and TFLite Micro saturate it."""
+    return (-cell_clip, cell_clip) if cell_clip > 0 else (INT16_MIN, INT16_MAX)
+
+
 def wrap_int32(v: np.ndarray) -> np.ndarray:
     """Two's-complement wrap to int32, as a 32-bit register does."""
     return ((np.asarray(v, dtype=np.int64) + 2**31) & 0xFFFFFFFF) - 2**31
@@ -125,7 +131,7 @@ class LayerKernel:
         self.hidden_bias = -layer.output_zero_point * self.wh.sum(axis=2)
         self.mx, self.sx = _per_row(layer.input_multiplier), _per_row(layer.input_shift)
         self.mh, self.sh = _per_row(layer.hidden_multiplier), _per_row(layer.hidden_shift)
-        self.clip = layer.cell_clip if layer.cell_clip > 0 else INT16_MAX
+        self.cell_min, self.cell_max = cell_bounds(layer.cell_clip)
 
     def initial_state(self, columns: int = 1) -> LayerState:
         H = self.layer.hidden_size
@@ -139,16 +145,21 @@ class LayerKernel:
         g = np.clip(requantize(acc_x, self.mx, self.sx), INT16_MIN, INT16_MAX)
         return np.clip(requantize(acc_h, self.mh, self.sh) + g, INT16_MIN, INT16_MAX)
 
+    def update_cell(self, i: np.ndarray, f: np.ndarray, g: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """The new cell state from the input, forget and cell gates (Q0.15) and the previous cell state:
+        clamp16(f * c requantized) + (i * g requantized), clamped to the cell's bounds (``cell_bounds``)."""
+        layer = self.layer
+        fc = np.clip(requantize(f * c, layer.forget_to_cell_multiplier, layer.forget_to_cell_shift),
+                     INT16_MIN, INT16_MAX)
+        ig = requantize(i * g, layer.input_to_cell_multiplier, layer.input_to_cell_shift)
+        return np.clip(fc + ig, self.cell_min, self.cell_max)
+
     def step(self, x: np.ndarray, state: LayerState) -> LayerState:
         """One time step for inputs x [I, N] (int8 values); returns the new state."""
         layer = self.layer
         pre = self.gates(np.asarray(x, dtype=np.int64), state.h)
         i, f, o = sigmoid_q15(pre[0]), sigmoid_q15(pre[1]), sigmoid_q15(pre[3])
-        g = tanh_q15(pre[2])
-        fc = np.clip(requantize(f * state.c, layer.forget_to_cell_multiplier, layer.forget_to_cell_shift),
-                     INT16_MIN, INT16_MAX)
-        ig = requantize(i * g, layer.input_to_cell_multiplier, layer.input_to_cell_shift)
-        c = np.clip(fc + ig, -self.clip, self.clip)
+        c = self.update_cell(i, f, tanh_q15(pre[2]), state.c)
         t = tanh_q15(c, layer.cell_scale_power + 12)
         h = requantize(o * t, layer.output_multiplier, layer.output_shift) + layer.output_zero_point
         return LayerState(h=np.clip(h, -128, 127), c=c)
