@@ -19,7 +19,7 @@ import jinja2
 import numpy as np
 
 from tinylstm.qmodel import LSTMLayer, QuantizedModel
-from tinylstm.reference import INT16_MAX, SIGMOID_TABLE, LayerKernel, cell_bounds, wrap_int32
+from tinylstm.reference import SIGMOID_TABLE, LayerKernel, cell_bounds, wrap_int32
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "firmware_templates"
 KERNEL_FILES = ("tinylstm_kernel.h", "tinylstm_kernel.c")

@@ -35,7 +35,7 @@ import numpy as np
 from tinylstm.boards import Board
 from tinylstm.export import kernel_sources, render_c
 from tinylstm.qmodel import QuantizedModel
-from tinylstm.reference import INT16_MAX, Reference
+from tinylstm.reference import Reference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO_ROOT / "firmware_templates" / "bench"
@@ -367,7 +367,7 @@ def _cmsis_nn_header(model: QuantizedModel, window: np.ndarray) -> str:
         "FORGET_TO_CELL_MULTIPLIER": layer.forget_to_cell_multiplier,
         "FORGET_TO_CELL_SHIFT": layer.forget_to_cell_shift,
         "INPUT_TO_CELL_MULTIPLIER": layer.input_to_cell_multiplier, "INPUT_TO_CELL_SHIFT": layer.input_to_cell_shift,
-        "CELL_CLIP": layer.cell_clip if layer.cell_clip > 0 else INT16_MAX,
+        "CELL_CLIP": layer.cell_clip,  # CMSIS-NN's own rule: 0 saturates the cell to the int16 range
         "CELL_SCALE_POWER": layer.cell_scale_power,
         "OUTPUT_MULTIPLIER": layer.output_multiplier, "OUTPUT_SHIFT": layer.output_shift,
     }
