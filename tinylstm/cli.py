@@ -728,15 +728,23 @@ def _export_executorch(model_path: Path, out_dir: Path, quantize: str | None, fo
 @click.option("--atol", type=float, default=1e-5, show_default=True, help="Absolute tolerance per output value.")
 @click.option("--rtol", type=float, default=1e-5, show_default=True, help="Relative tolerance per output value.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_bundle(bundle_path: Path, atol: float, rtol: float, as_json: bool) -> None:
-    """Run every test case of an ExecuTorch bundle in the ExecuTorch runtime on this host; exit 1 on a failure."""
+@click.option("--unverified", is_flag=True,
+              help="Load the file without checking it against the SHA-256 in the model.json beside it (for a "
+                   ".bpte without its sidecar). A damaged file may then give wrong results or crash the runtime.")
+def verify_bundle(bundle_path: Path, atol: float, rtol: float, as_json: bool, unverified: bool) -> None:
+    """Run every test case of an ExecuTorch bundle in the ExecuTorch runtime on this host; exit 1 on a failure.
+
+    The file is loaded only once its SHA-256 matches the one that model.json, written beside it by
+    `tinylstm export --format executorch`, records: a modified or corrupted file, or one without its model.json,
+    is refused with a one-line error.
+    """
     import json
 
     from tinylstm.executorch_export import ExecuTorchError
     from tinylstm.executorch_export import verify_bundle as verify
 
     try:
-        report = verify(bundle_path, atol=atol, rtol=rtol)
+        report = verify(bundle_path, atol=atol, rtol=rtol, unverified=unverified)
     except ExecuTorchError as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())

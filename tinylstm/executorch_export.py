@@ -8,16 +8,21 @@ The program has two methods, both on batch 1:
 
 ``forward`` is a loop (``scan``) over the very cell that ``step`` exports, so stepping T times from zero state gives
 ``forward``'s output. The BundledProgram (.bpte) carries held-out test windows with the outputs of eager PyTorch,
-and the JSON sidecar says how to normalise inputs and read outputs. See docs/executorch.md.
+and the JSON sidecar says how to normalise inputs and read outputs, and records the SHA-256 of both files: nothing
+is loaded into the ExecuTorch runtime before its bytes match the sidecar (the runtime checks a program's structure,
+not its data, and a damaged program can crash it). See docs/executorch.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import importlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -42,7 +47,7 @@ PTE_NAME = "model.pte"
 BPTE_NAME = "model.bpte"
 SIDECAR_NAME = "model.json"
 SIDECAR_FORMAT = "tinylstm-executorch"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2  # 2: `files` records each file's bytes and SHA-256
 PRECISIONS = ("fp32", "int8")
 # Each bundled test case holds a whole window and calibration steps through every window, so both grow with T;
 # longer sequences are better streamed through `step`.
@@ -55,6 +60,10 @@ COMPARISON_WINDOWS = 512
 # ExecuTorch ScalarType codes of the tensor types a bundle can hold.
 _SCALAR_TYPES = {0: np.uint8, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.int64, 6: np.float32, 7: np.float64,
                  11: np.bool_}
+
+# Kernel libraries beyond the portable ones that the runtime lacks until they are imported, by operator namespace.
+# Importing one registers its kernels with the runtime of this process (and its ops with torch, for lowering).
+_KERNEL_LIBRARIES = {"quantized_decomposed": "executorch.kernels.quantized"}
 
 Progress = Callable[[str], None]
 
@@ -240,6 +249,7 @@ class ExportResult:
     precision: str
     window: int
     files: dict[str, int]  # file name -> bytes
+    digests: dict[str, str]  # file name -> SHA-256 (hex) of model.pte and model.bpte, as model.json records them
     verification: BundleReport
     step_vs_forward: float  # max |forward - T steps| in the runtime, on the first bundled window
     quantization: dict[str, Any] | None
@@ -247,12 +257,13 @@ class ExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"out_dir": str(self.out_dir), "precision": self.precision, "window": self.window,
-                "files": self.files, "verification": self.verification.to_dict(),
+                "files": self.files, "sha256": self.digests, "verification": self.verification.to_dict(),
                 "step_vs_forward": self.step_vs_forward, "quantization": self.quantization, "seconds": self.seconds}
 
     def summary(self) -> str:
         lines = [f"{self.precision.upper()} ExecuTorch bundle in {self.out_dir} ({self.seconds:.1f} s)"]
-        lines += [f"  {name}: {size:,} bytes" for name, size in self.files.items()]
+        lines += [f"  {name}: {size:,} bytes" + (f", sha256 {self.digests[name]}" if name in self.digests else "")
+                  for name, size in self.files.items()]
         report = self.verification
         lines.append(f"  bundle check in the ExecuTorch runtime: {'PASS' if report.passed else 'FAIL'}, "
                      f"{len(report.cases)} test cases, worst |error| {report.worst:.3g}")
@@ -320,23 +331,26 @@ def _export(checkpoint: Checkpoint, out_dir: Path, quantize: str | None, cases: 
     suites = _test_suites(eager, test_x[picked])
     bundle = _bundle(program, suites)
 
+    pte = bytes(program.buffer)
     tmp = _temp_dir(out_dir)
     try:
-        (tmp / PTE_NAME).write_bytes(program.buffer)
+        (tmp / PTE_NAME).write_bytes(pte)
         (tmp / BPTE_NAME).write_bytes(bundle)
         say("verifying the bundle in the ExecuTorch runtime")
-        report = verify_bundle(tmp / BPTE_NAME, atol=atol, rtol=rtol)
+        # The bytes just written, not read back: they are what the digests in model.json will describe.
+        report = _verify(bundle, str(tmp / BPTE_NAME), atol, rtol)
         if not report.passed:
             raise ExecuTorchError(f"the bundle fails its own test cases in the runtime:\n{report.summary()}")
-        runtime = RuntimeModel(tmp / PTE_NAME)
+        runtime = RuntimeModel(pte, str(tmp / PTE_NAME))
         step_gap = float(np.abs(runtime.forward(test_x[picked[0]]) - runtime.stream(test_x[picked[0]])).max())
         if quant_info is not None:
             say(f"comparing INT8 with FP32 and the integer reference on {min(len(test_x), COMPARISON_WINDOWS)} "
                 "held-out windows")
             quant_info.update(compare_int8(runtime, checkpoint, dataset))
-        files = {PTE_NAME: len(program.buffer), BPTE_NAME: len(bundle)}
-        sidecar = _sidecar(checkpoint, dataset, precision, files, {m: len(c) for m, c in report.methods().items()},
-                           atol, rtol, quant_info)
+        files = {PTE_NAME: len(pte), BPTE_NAME: len(bundle)}
+        digests = {PTE_NAME: hashlib.sha256(pte).hexdigest(), BPTE_NAME: hashlib.sha256(bundle).hexdigest()}
+        sidecar = _sidecar(checkpoint, dataset, precision, files, digests,
+                           {m: len(c) for m, c in report.methods().items()}, atol, rtol, quant_info)
         for plan in program.executorch_program.execution_plan:  # what a runtime build must provide
             sidecar["methods"][plan.name]["operators"] = sorted(
                 {op.name + (f".{op.overload}" if op.overload else "") for op in plan.operators})
@@ -348,7 +362,7 @@ def _export(checkpoint: Checkpoint, out_dir: Path, quantize: str | None, cases: 
         shutil.rmtree(tmp, ignore_errors=True)
     report.path = str(out_dir / BPTE_NAME)
     say("done")
-    return ExportResult(out_dir, precision, config.window, files, report, step_gap, quant_info,
+    return ExportResult(out_dir, precision, config.window, files, digests, report, step_gap, quant_info,
                         time.monotonic() - start)
 
 
@@ -413,9 +427,9 @@ def quantize_step(cell: StepCell, hidden_sizes: Sequence[int], calibration: np.n
 
 
 def _to_executorch(programs: dict[str, torch.export.ExportedProgram]) -> Any:
-    import executorch.kernels.quantized  # noqa: F401  (registers the out-variants of quantize/dequantize)
     from executorch.exir import to_edge
 
+    _register_kernels()  # the out-variants of quantize/dequantize that lowering an int8 program needs
     return to_edge(programs).to_executorch()
 
 
@@ -498,22 +512,65 @@ def _bundle(program: Any, suites: list[Any]) -> bytes:
 # --------------------------------------------------------------------------------------------------- runtime
 
 
+def _register_kernels() -> None:
+    """Register every kernel library a tinylstm program can need with this process's ExecuTorch runtime.
+
+    A program using an operator the runtime lacks fails to load (an int8 program needs the quantized kernels);
+    the libraries register themselves on import, so a process that never lowered a program must import them.
+    """
+    from executorch.extension.pybindings.portable_lib import _get_operator_names
+
+    for namespace, module in _KERNEL_LIBRARIES.items():
+        importlib.import_module(module)
+        if not any(name.startswith(f"{namespace}::") for name in _get_operator_names()):
+            raise ExecuTorchError(f"the ExecuTorch kernels for {namespace}:: operators did not load (import {module} "
+                                  "failed); reinstall executorch")
+
+
+def _load_program(data: bytes, name: str) -> Any:
+    """A program (checked bytes) in the ExecuTorch runtime, with every kernel it can need registered first."""
+    from executorch.runtime import Runtime
+
+    _register_kernels()
+    try:
+        return Runtime.get().load_program(data)
+    except (RuntimeError, ValueError) as e:
+        raise ExecuTorchError(f"{name}: the ExecuTorch runtime cannot load the program ({_one_line(e)})") from None
+
+
+def _load_method(program: Any, method: str, name: str) -> Any:
+    try:
+        loaded = program.load_method(method)
+    except (RuntimeError, ValueError) as e:
+        raise ExecuTorchError(f"{name}: the ExecuTorch runtime cannot load method `{method}` ({_one_line(e)})") \
+            from None
+    if loaded is None:
+        raise ExecuTorchError(f"{name}: the program has no `{method}` method")
+    return loaded
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
 class RuntimeModel:
-    """A .pte loaded in the ExecuTorch runtime on the host, with numpy in and out (batch 1)."""
+    """A tinylstm program in the ExecuTorch runtime on the host, with numpy in and out (batch 1).
 
-    def __init__(self, path: str | Path) -> None:
-        from executorch.runtime import Runtime
+    Open a .pte with ``RuntimeModel.load``, which checks it against its sidecar first.
+    """
 
-        try:
-            program = Runtime.get().load_program(Path(path))
-            self._forward = program.load_method("forward")
-            self._step = program.load_method("step")
-        except (RuntimeError, ValueError) as e:
-            raise ExecuTorchError(f"{path}: not a tinylstm ExecuTorch program ({e})") from None
-        if self._forward is None or self._step is None:
-            raise ExecuTorchError(f"{path}: the program lacks the `forward` and `step` methods")
+    def __init__(self, program: bytes, name: str) -> None:
+        loaded = _load_program(program, name)
+        self._forward = _load_method(loaded, "forward", name)
+        self._step = _load_method(loaded, "step", name)
         meta = self._step.metadata
         self.state_shapes = [tuple(meta.input_tensor_meta(i).sizes()) for i in range(1, meta.num_inputs())]
+
+    @classmethod
+    def load(cls, path: str | Path, *, unverified: bool = False) -> RuntimeModel:
+        """The .pte at path, after checking it against the SHA-256 in the model.json beside it (see read_checked)."""
+        with _quiet():
+            return cls(read_checked(path, unverified=unverified), str(path))
 
     def forward(self, window: np.ndarray) -> np.ndarray:
         """The output [O] for one normalised window [T, F]."""
@@ -533,32 +590,30 @@ class RuntimeModel:
         return y
 
 
-def verify_bundle(path: str | Path, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> BundleReport:
+def verify_bundle(path: str | Path, atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL, *,
+                  unverified: bool = False) -> BundleReport:
     """Run every test case of a .bpte in the ExecuTorch runtime; pass or fail by ExecuTorch's own check.
 
-    A case passes when every output is within atol + rtol * |expected| of the bundled expected output.
+    The file is first checked against the SHA-256 in the model.json beside it (see read_checked). A case passes
+    when every output is within atol + rtol * |expected| of the bundled expected output.
     """
     with _quiet():
-        return _verify(Path(path), atol, rtol)
+        return _verify(read_checked(path, unverified=unverified), str(path), atol, rtol)
 
 
-def _verify(path: Path, atol: float, rtol: float) -> BundleReport:
+def _verify(data: bytes, name: str, atol: float, rtol: float) -> BundleReport:
     from executorch.extension.pybindings.portable_lib import _load_bundled_program_from_buffer
-    from executorch.runtime import Runtime
 
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ExecuTorchError(f"{path}: cannot read ({e.strerror or e})") from None
-    cases, program_bytes = _read_bundle(data, path)
+    cases, program_bytes = _read_bundle(data, name)
+    program = _load_program(program_bytes, name)
     try:
         bundle = _load_bundled_program_from_buffer(data)
-        program = Runtime.get().load_program(program_bytes)
     except RuntimeError as e:
-        raise ExecuTorchError(f"{path}: the ExecuTorch runtime cannot load the bundled program ({e})") from None
-    report = BundleReport(str(path), atol, rtol)
+        raise ExecuTorchError(f"{name}: the ExecuTorch runtime cannot load the bundled program ({_one_line(e)})") \
+            from None
+    report = BundleReport(name, atol, rtol)
     for method_name, method_cases in cases.items():
-        method = program.load_method(method_name)
+        method = _load_method(program, method_name, name)
         for index, (inputs, expected) in enumerate(method_cases):
             problem = None
             try:
@@ -567,7 +622,7 @@ def _verify(path: Path, atol: float, rtol: float) -> BundleReport:
             except RuntimeError as e:
                 passed, problem = False, str(e)
                 try:  # run the case directly, to measure how far off it is
-                    outputs = method.execute([torch.from_numpy(x.copy()) for x in inputs]) if method else []
+                    outputs = method.execute([torch.from_numpy(x.copy()) for x in inputs])
                 except RuntimeError as e2:
                     outputs, problem = [], str(e2)
             error = _max_abs_error([o.numpy() for o in outputs], expected)
@@ -585,7 +640,7 @@ def _max_abs_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
 Case = tuple[list[np.ndarray], list[np.ndarray]]
 
 
-def _read_bundle(data: bytes, path: Path) -> tuple[dict[str, list[Case]], bytes]:
+def _read_bundle(data: bytes, path: str) -> tuple[dict[str, list[Case]], bytes]:
     """The (inputs, expected outputs) of every test case per method, and the program, read back from a .bpte."""
     from executorch.devtools.bundled_program.serialize import deserialize_from_flatbuffer_to_bundled_program
 
@@ -597,7 +652,7 @@ def _read_bundle(data: bytes, path: Path) -> tuple[dict[str, list[Case]], bytes]
                                       [_array(v.val) for v in case.expected_outputs]) for case in suite.test_cases]
                  for suite in bundle.method_test_suites}
     except Exception as e:  # flatc and the JSON reader fail in many ways on a damaged file
-        raise ExecuTorchError(f"{path}: damaged or unsupported bundled program ({e})") from None
+        raise ExecuTorchError(f"{path}: damaged or unsupported bundled program ({_one_line(e)})") from None
     if not any(cases.values()) or not bundle.program:
         raise ExecuTorchError(f"{path}: damaged or empty bundled program (no program or no test cases)")
     return cases, bytes(bundle.program)
@@ -669,7 +724,7 @@ def quantization_summary(q: dict[str, Any]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ sidecar
 
 
-def _sidecar(checkpoint: Checkpoint, dataset: Dataset, precision: str, files: dict[str, int],
+def _sidecar(checkpoint: Checkpoint, dataset: Dataset, precision: str, files: dict[str, int], digests: dict[str, str],
              cases: dict[str, int], atol: float, rtol: float, quant: dict[str, Any] | None) -> dict[str, Any]:
     config = checkpoint.config
     norm = checkpoint.input_norm
@@ -705,13 +760,59 @@ def _sidecar(checkpoint: Checkpoint, dataset: Dataset, precision: str, files: di
                      "note": "start from zeros; feed each returned h/c back in; after `window` steps y equals "
                              "forward's output"},
         },
-        "files": files,
+        "files": {name: {"bytes": size, "sha256": digests[name]} for name, size in files.items()},
         "bundle": {"test_cases": cases, "source": "held-out test windows", "expected_outputs": "eager PyTorch",
                    "atol": atol, "rtol": rtol},
     }
     if quant is not None:
         sidecar["quantization"] = quant
     return sidecar
+
+
+def read_checked(path: str | Path, *, unverified: bool = False) -> bytes:
+    """The bytes of a .pte or .bpte, once they match the SHA-256 that the model.json beside it records.
+
+    Every load into the runtime goes through here, and the runtime then gets these very bytes. The runtime checks
+    a program's structure but not its data: changed weights run with wrong outputs, and some damage crashes the
+    process. ``unverified=True`` skips the check (for a file without its sidecar) and accepts that risk.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ExecuTorchError(f"{path}: cannot read ({e.strerror or e})") from None
+    if unverified:
+        return data
+    digest = _recorded_digest(path)
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ExecuTorchError(f"{path} was modified or corrupted: its SHA-256 differs from the one in "
+                              f"{path.parent / SIDECAR_NAME}; export the bundle again")
+    return data
+
+
+def _recorded_digest(path: Path) -> str:
+    """The SHA-256 (hex) that the sidecar beside path records for it; ExecuTorchError for any doubt."""
+    sidecar = path.parent / SIDECAR_NAME
+    if not sidecar.exists():
+        raise ExecuTorchError(f"{path}: no {SIDECAR_NAME} beside it to check it against; keep the bundle's files "
+                              "together (or load it unchecked with --unverified, at the risk of a crash)")
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ExecuTorchError(f"{sidecar}: cannot read ({e.strerror or e})") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, or nested beyond the parser's depth
+        raise ExecuTorchError(f"{sidecar}: not valid JSON ({_one_line(e)}); export the bundle again") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        raise ExecuTorchError(f"{sidecar}: not a tinylstm ExecuTorch sidecar (no \"format\": \"{SIDECAR_FORMAT}\")")
+    if meta.get("version") != SIDECAR_VERSION:
+        raise ExecuTorchError(f"{sidecar}: version {meta.get('version')!r}, this tinylstm reads version "
+                              f"{SIDECAR_VERSION} (with SHA-256 digests); export the bundle again")
+    files = meta.get("files")
+    entry = files.get(path.name) if isinstance(files, dict) else None
+    digest = entry.get("sha256") if isinstance(entry, dict) else None
+    if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise ExecuTorchError(f"{sidecar}: records no SHA-256 for {path.name} (files.{path.name}.sha256)")
+    return digest
 
 
 # ------------------------------------------------------------------------------------------------ files
