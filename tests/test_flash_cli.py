@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -98,3 +99,27 @@ def test_a_real_board_without_registry_access_says_what_failed_and_where_the_pro
     assert "downloading the PlatformIO platform 'atmelavr'" in result.stderr
     assert f"pio run -d {Path('project')}" in result.stderr
     assert (tmp_path / "project" / "platformio.ini").is_file()  # the project stays, for a machine with internet
+
+
+def test_bench_on_a_busy_port_or_a_dead_socket_is_a_one_line_error_at_once(tmp_path):
+    import serial
+
+    model = small_model(tmp_path)
+    controller, device = os.openpty()
+    holder = serial.Serial(os.ttyname(device), exclusive=True)  # a serial monitor, or another bench, holds it
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+        for port, message in ((os.ttyname(device), "is busy"), (f"socket://127.0.0.1:{free}", "nothing is listening")):
+            start = time.monotonic()
+            result = tinylstm("bench", "--model", str(model), "--board", "uno", "--port", port, "--windows", "2",
+                              cwd=tmp_path)
+            errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+            assert result.returncode == 1 and len(errors) == 1 and message in errors[0], result.stderr
+            assert "Traceback" not in result.stderr
+            assert time.monotonic() - start < 20  # the interpreter's start-up; no 15 s wait for the port
+    finally:
+        holder.close()
+        os.close(controller)
+        os.close(device)
