@@ -25,7 +25,8 @@ from tinylstm.train import TrainConfig, check_budget, save_checkpoint, train_mod
 RUNS = {
     "basic_motions": {
         "spec": {}, "hidden": [32], "board": "uno_sim",
-        "train": TrainConfig(epochs=400, lr=3e-3, batch_size=8, patience=100, lr_patience=20),
+        "train": TrainConfig(epochs=400, lr=1e-2, batch_size=32, schedule="cosine", optimizer="adamw",
+                             weight_decay=0.1),  # the demo's recipe (tinylstm.pipeline.DEMOS)
         "quant": QuantConfig(calibration="percentile"),
     },
     "taylor_demand": {

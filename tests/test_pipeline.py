@@ -130,7 +130,10 @@ def test_demo_on_the_uno(tmp_path):
     evaluation = json.loads((out / "quantize" / "evaluation.json").read_text())
     assert bench["mismatches"] == 0 and bench["windows"] == 40 and bench["unit"] == "cycles"
     assert bench["device"]["confusion"] == evaluation["comparison"]["int8"]["confusion"]
-    assert evaluation["comparison"]["fp32"]["accuracy"] >= 0.9
+    # One seed's accuracy repeats only on the same kind of CPU; the spread over seeds is tested in
+    # test_quantize.py. Here: a bar any reasonable seed clears (the recipe gave 90% to 100% over 20 seeds).
+    fp32, int8 = evaluation["comparison"]["fp32"]["accuracy"], evaluation["comparison"]["int8"]["accuracy"]
+    assert min(fp32, int8) >= 0.8 and abs(int8 - fp32) <= 0.05, (fp32, int8)
     build = json.loads((out / "firmware" / "build.json").read_text())
     assert build["linker"]["ram"] + build["planner"]["stack"] <= 2048
     if CHROMIUM:

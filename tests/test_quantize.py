@@ -13,6 +13,7 @@ from tinylstm import qmodel, reference
 from tinylstm.cli import main
 from tinylstm.data import DataSpec, load_dataset
 from tinylstm.evaluate import fp32_outputs, int8_outputs
+from tinylstm.pipeline import DEMOS
 from tinylstm.qmodel import InputSpec
 from tinylstm.quantize import (
     QuantConfig,
@@ -190,14 +191,25 @@ def test_evaluate_plot(tmp_path, forecaster):
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
+DEMO_SEEDS = (0, 1, 2, 3, 4)
+
+
 @pytest.mark.slow
-def test_basic_motions_fits_uno_and_int8_keeps_its_accuracy():
+def test_basic_motions_demo_recipe_over_seeds_fits_uno_and_int8_keeps_its_accuracy():
+    """The demo's recipe (tinylstm.pipeline.DEMOS) over five seeds, not one: float kernels differ between CPUs, so
+    a given seed's figures only repeat on the same kind of machine. Over 20 seeds on one CPU the recipe gave FP32
+    and INT8 test accuracy 90.0% to 100% (median 97.5%) and |INT8 - FP32| <= 2.5 pp (docs/training.md)."""
+    recipe = DEMOS["basic_motions"]
     ds = load_dataset(DataSpec.for_dataset("basic_motions"))
-    ckpt, _ = train_model(ds, [32], TrainConfig(epochs=400, lr=3e-3, batch_size=8, patience=100, lr_patience=20))
-    assert check_budget("uno_sim", ckpt.config).fits
-    result = quantize_checkpoint(ckpt, QuantConfig(calibration="percentile"), dataset=ds)
-    if result.comparison.int8["accuracy"] < result.comparison.fp32["accuracy"] - 0.01:
-        result = quantize_checkpoint(ckpt, QuantConfig(calibration="percentile"), dataset=ds, qat_epochs=10,
-                                     qat_lr=3e-4)
-    assert result.comparison.fp32["accuracy"] >= 0.9
-    assert result.comparison.int8["accuracy"] >= result.comparison.fp32["accuracy"] - 0.01
+    quant = QuantConfig(calibration=recipe["quantization"]["calibration"])
+    fp32, int8 = [], []
+    for seed in DEMO_SEEDS:
+        ckpt, _ = train_model(ds, recipe["model"]["hidden"], TrainConfig(**recipe["train"], seed=seed))
+        assert check_budget("uno_sim", ckpt.config).fits
+        result = quantize_checkpoint(ckpt, quant, dataset=ds, qat_epochs=recipe["quantization"].get("qat_epochs", 0))
+        f, q = result.comparison.fp32["accuracy"], result.comparison.int8["accuracy"]
+        assert abs(q - f) <= 0.05, f"seed {seed}: INT8 {q:.3f} against FP32 {f:.3f}"
+        assert min(f, q) >= 0.8, f"seed {seed}: FP32 {f:.3f}, INT8 {q:.3f}"
+        fp32.append(f)
+        int8.append(q)
+    assert np.median(fp32) >= 0.9 and np.median(int8) >= 0.9, (fp32, int8)

@@ -98,7 +98,8 @@ def ray_instance():
 
 
 def _settings(hidden, layers=(1,), lrs=None, epochs=1):
-    project = search.project_sections("basic_motions", train={"epochs": epochs}, quantization={"qat_epochs": 0})
+    project = search.project_sections("basic_motions", train={"epochs": epochs, "lr": 3e-3},
+                                      quantization={"qat_epochs": 0})
     return search.SearchSettings(board="uno_sim", project=project, report_every=1, early_stop=False,
                                  space=search.SearchSpace(hidden=hidden, layers=layers, lrs=lrs), calibration=())
 

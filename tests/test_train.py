@@ -1,4 +1,4 @@
-"""The models and the trainer: structure, determinism, early stopping, checkpoints, and the budget check."""
+"""The models and the trainer: structure, determinism, early stopping, schedules, checkpoints, the budget check."""
 
 from __future__ import annotations
 
@@ -82,6 +82,21 @@ def test_early_stopping_restores_the_best_weights(tmp_path):
         assert nn.CrossEntropyLoss()(model(x), y).item() == pytest.approx(result.best_val_loss, rel=1e-5)
 
 
+def test_cosine_schedule_runs_every_epoch_and_keeps_the_last_weights(shapes):
+    torch.manual_seed(0)
+    model = LSTMModel(model_config_for(shapes, [8]))
+    config = TrainConfig(epochs=12, lr=1e-2, batch_size=16, patience=1, schedule="cosine")
+    result = fit(model, shapes, config)
+    assert not result.stopped_early and len(result.history) == result.best_epoch == 12
+    lrs = [h.lr for h in result.history]  # after each epoch: lr (1 + cos(pi epoch / epochs)) / 2, down to 0
+    np.testing.assert_allclose(lrs, [1e-2 * (1 + np.cos(np.pi * e / 12)) / 2 for e in range(1, 13)], atol=1e-12)
+    x, y = torch.from_numpy(shapes.inputs(shapes.val)), torch.from_numpy(shapes.val.y)
+    with torch.no_grad():
+        assert nn.CrossEntropyLoss()(model(x), y).item() == pytest.approx(result.history[-1].val_loss, rel=1e-5)
+    with pytest.raises(TrainError, match="unknown schedule 'step'"):
+        fit(model, shapes, TrainConfig(epochs=1, schedule="step"))
+
+
 def test_checkpoint_round_trip(shapes, tmp_path):
     ckpt, _ = train_model(shapes, [6], TrainConfig(epochs=2))
     path = save_checkpoint(ckpt, tmp_path / "m.pt")
@@ -101,11 +116,13 @@ def test_checkpoint_round_trip(shapes, tmp_path):
 def test_cli_train_json(shapes_npz, tmp_path):
     out = tmp_path / "m.pt"
     r = CliRunner().invoke(main, ["train", str(shapes_npz), "--task", "classification", "--layout", "NTF",
-                                  "--hidden", "8", "--epochs", "3", "--json", "--out", str(out)])
+                                  "--hidden", "8", "--epochs", "3", "--schedule", "cosine", "--json",
+                                  "--out", str(out)])
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     assert report["model"]["hidden_sizes"] == [8] and report["epochs_run"] == 3
-    assert load_checkpoint(out).config.hidden_sizes == [8]
+    back = load_checkpoint(out)
+    assert back.config.hidden_sizes == [8] and back.train_config.schedule == "cosine"
 
 
 def test_budget_is_checked_before_training(tmp_path):

@@ -128,6 +128,10 @@ def _epoch_bar(length: int, label: str, show: bool) -> contextlib.AbstractContex
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--patience", type=click.IntRange(1), default=50, show_default=True,
               help="Early stopping: epochs without a better validation loss.")
+@click.option("--schedule", type=click.Choice(["plateau", "cosine"]), default="plateau", show_default=True,
+              help="plateau: halve the learning rate when the validation loss stalls, stop early and restore the "
+                   "best weights. cosine: decay it to 0 over --epochs and keep the last weights (for small "
+                   "validation splits).")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default="adam", show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--clip-norm", type=float, default=1.0, show_default=True, help="Gradient clipping max-norm.")
@@ -143,7 +147,7 @@ def train(data: Path | None, dataset: str | None, task: str | None, features: st
           label: str | None, hidden: str, layers: int | None, window: int | None, stride: int, horizon: int,
           norm: str, fillna: str, val_fraction: float, test_fraction: float, normal_rows: int | None,
           layout: str | None, board: str | None, per_channel: bool, force: bool, epochs: int, lr: float,
-          batch_size: int, patience: int, optimizer: str, weight_decay: float, clip_norm: float,
+          batch_size: int, patience: int, schedule: str, optimizer: str, weight_decay: float, clip_norm: float,
           threshold_margin: float, seed: int, threads: int, out: Path, quiet: bool, as_json: bool) -> None:
     """Train a float LSTM on a CSV/NPZ file or a bundled dataset, checking the board's budget first."""
     from tinylstm import boards, budget
@@ -183,8 +187,8 @@ def train(data: Path | None, dataset: str | None, task: str | None, features: st
                 plan = tr.plan_for(board, config, per_channel)
                 click.echo(f"warning: {config.hidden_sizes} does not fit {board}; training anyway (--force)", err=True)
         train_config = tr.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                                      optimizer=optimizer, clip_norm=clip_norm, patience=patience, seed=seed,
-                                      threads=threads)
+                                      optimizer=optimizer, clip_norm=clip_norm, patience=patience,
+                                      schedule=schedule, seed=seed, threads=threads)
         with _epoch_bar(epochs, "training", not (quiet or as_json)) as bar:
             checkpoint, result = tr.train_model(ds, sizes, train_config, threshold_margin=threshold_margin,
                                                 on_epoch=(lambda log: bar.update(1, log)) if bar else None)

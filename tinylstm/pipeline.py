@@ -49,7 +49,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "model": {"name": (str, None), "hidden": (list, [32])},
     "train": {"epochs": (int, 200), "lr": (float, 3e-3), "batch_size": (int, 32), "patience": (int, 50),
               "lr_patience": (int, 10), "optimizer": (str, "adam"), "weight_decay": (float, 0.0),
-              "clip_norm": (float, 1.0), "seed": (int, 0), "threads": (int, 1)},
+              "clip_norm": (float, 1.0), "schedule": (str, "plateau"), "seed": (int, 0), "threads": (int, 1)},
     "quantization": {"calibration": (str, "minmax"), "percentile": (float, 99.9), "per_channel": (bool, False),
                      "qat_epochs": (int, 0), "qat_lr": (float, 1e-3)},
     "board": {"name": (str, _UNSET), "build": (bool, True)},
@@ -57,11 +57,15 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
 }
 
 # The demo's settings per bundled dataset: models that fit the Uno and train in seconds on two cores.
+# basic_motions has 32 training and 8 validation windows: too few to stop early on, so its recipe runs a fixed
+# budget (full batch, a cosine schedule, weight decay) and keeps the last weights; its post-training gap is
+# small enough without QAT (docs/training.md, "Repeatability", gives the spread over seeds).
 DEMOS: dict[str, dict[str, dict[str, Any]]] = {
     "basic_motions": {
         "model": {"hidden": [32]},
-        "train": {"epochs": 400, "lr": 3e-3, "batch_size": 8, "patience": 100, "lr_patience": 20},
-        "quantization": {"calibration": "percentile", "qat_epochs": 10, "qat_lr": 3e-4},
+        "train": {"epochs": 400, "lr": 1e-2, "batch_size": 32, "schedule": "cosine", "optimizer": "adamw",
+                  "weight_decay": 0.1},
+        "quantization": {"calibration": "percentile"},
         "bench": {"windows": 40},
     },
     "taylor_demand": {
@@ -271,6 +275,7 @@ epochs = 200
 lr = 0.003
 batch_size = 32
 patience = 50                   # early stopping on the validation loss
+schedule = "plateau"            # plateau (early stopping, best weights) | cosine (fixed budget, last weights)
 seed = 0
 
 [quantization]
@@ -493,7 +498,7 @@ def stage_train(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
     t = ctx.config["train"]
     config = tr.TrainConfig(epochs=t["epochs"], lr=t["lr"], batch_size=t["batch_size"], patience=t["patience"],
                             lr_patience=t["lr_patience"], optimizer=t["optimizer"], weight_decay=t["weight_decay"],
-                            clip_norm=t["clip_norm"], seed=t["seed"], threads=t["threads"])
+                            clip_norm=t["clip_norm"], schedule=t["schedule"], seed=t["seed"], threads=t["threads"])
     ds = ctx.dataset()
     with ctx.reporter.bar(config.epochs, "training") as advance:
         checkpoint, result = tr.train_model(

@@ -330,7 +330,8 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, *, qat_epoc
         qat = quantization_aware_finetune(
             model, dataset, config, TrainConfig(epochs=qat_epochs, lr=qat_lr, batch_size=tc.batch_size,
                                                 patience=qat_epochs, clip_norm=tc.clip_norm, seed=tc.seed,
-                                                threads=tc.threads, optimizer=tc.optimizer), on_epoch)
+                                                threads=tc.threads, optimizer=tc.optimizer,
+                                                schedule=tc.schedule), on_epoch)
     qmodel = post_training_quantize(model, dataset, config, name)
     fp32_threshold = int8_threshold = None
     if dataset.task == "anomaly":

@@ -27,6 +27,7 @@ from tinylstm.export import ModelShape
 CHECKPOINT_FORMAT = "tinylstm-checkpoint"
 CHECKPOINT_VERSION = 1
 MAX_LAYERS = 3
+SCHEDULES = ("plateau", "cosine")
 
 
 class TrainError(ValueError):
@@ -75,6 +76,10 @@ class TrainConfig:
     clip_norm: float = 1.0
     patience: int = 30  # early stopping: epochs without a better validation loss
     lr_patience: int = 10  # ReduceLROnPlateau
+    # "plateau": ReduceLROnPlateau and early stopping on the validation loss, the best weights restored.
+    # "cosine": the learning rate falls from lr to 0 over all the epochs and the last weights are kept (no
+    # decision rests on the validation loss, which is noisy on a small validation split).
+    schedule: str = "plateau"
     lr_factor: float = 0.5
     seed: int = 0
     threads: int = 1
@@ -122,7 +127,8 @@ def fit(
     on_epoch: Callable[[EpochLog], None] | None = None,
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train on the training split with early stopping on the validation loss; restore the best weights.
+    """Train on the training split; with the "plateau" schedule, stop early on the validation loss and restore
+    the best weights, with "cosine", run every epoch and keep the last weights.
 
     ``forward`` replaces ``model(x)`` (quantization-aware fine-tuning passes a fake-quant forward).
     """
@@ -134,9 +140,13 @@ def fit(
     opt_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(config.optimizer)
     if opt_class is None:
         raise TrainError(f"unknown optimizer {config.optimizer!r}; choose adam or adamw")
+    if config.schedule not in SCHEDULES:
+        raise TrainError(f"unknown schedule {config.schedule!r}; choose {' or '.join(SCHEDULES)}")
     optimizer = opt_class(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=config.lr_factor, patience=config.lr_patience)
+    plateau = config.schedule == "plateau"
+    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=config.lr_factor,
+                                                            patience=config.lr_patience) if plateau
+                 else torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs))
     generator = torch.Generator().manual_seed(config.seed)
     result = TrainResult()
     best_state = copy.deepcopy(model.state_dict())
@@ -155,12 +165,18 @@ def fit(
         model.eval()
         with torch.no_grad():
             val_loss = criterion(forward(x_va), y_va).item()
-        scheduler.step(val_loss)
+        if plateau:
+            scheduler.step(val_loss)
+        else:
+            scheduler.step()
         log = EpochLog(epoch, total / len(x_tr), val_loss, optimizer.param_groups[0]["lr"])
         result.history.append(log)
         if on_epoch:
             on_epoch(log)
-        if val_loss < result.best_val_loss - 1e-7:
+        if not plateau:
+            result.best_val_loss, result.best_epoch = val_loss, epoch  # the last epoch's weights are kept
+            best_state = model.state_dict()
+        elif val_loss < result.best_val_loss - 1e-7:
             result.best_val_loss, result.best_epoch = val_loss, epoch
             best_state = copy.deepcopy(model.state_dict())
         elif epoch - result.best_epoch >= config.patience:
