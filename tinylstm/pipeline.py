@@ -102,7 +102,7 @@ RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
              "normal_rows": _at_least(1), "threshold_margin": _POSITIVE},
     "train": {"epochs": _at_least(1), "lr": _POSITIVE, "batch_size": _at_least(1), "patience": _at_least(1),
               "lr_patience": _at_least(1), "optimizer": _one_of("adam", "adamw"), "weight_decay": _at_least(0),
-              "clip_norm": _POSITIVE, "threads": _at_least(1)},
+              "clip_norm": _POSITIVE, "schedule": _one_of("plateau", "cosine"), "threads": _at_least(1)},
     "quantization": {"calibration": _one_of("minmax", "percentile"),
                      "percentile": ((lambda v: 50 < v <= 100), "in (50, 100]"), "qat_epochs": _at_least(0),
                      "qat_lr": _POSITIVE},
