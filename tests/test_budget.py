@@ -330,7 +330,8 @@ def test_max_hidden_on_uno_sim_really_fits(tmp_path):
     # h, c, scratch and the window: exact on AVR. The test's program also holds an output buffer, which the HIL
     # firmware the plan counts does not (it writes the output into its frame buffer).
     assert p.ram.model + model.output_size == ram
-    assert flash <= p.flash.model <= flash + 64  # code is a bound within a few bytes
+    # Code is a bound: within 1% of the firmware's flash or 64 bytes, whichever is larger (the plan's criterion).
+    assert flash <= p.flash.model <= flash + max(64, (flash + board.overhead.flash_bytes) // 100)
 
 
 def test_far_too_large_model_on_uno_exits_1_naming_the_resource():
