@@ -111,7 +111,13 @@ def test_model_objects_match_the_compiler(board_name, tmp_path):
 
 # ---- the code figures of the board files against a fresh measurement ------------------------------------
 
-CODE_SHAPES = [(1, 1, 1, 1), (3, 10, 5, 4), (6, 100, 32, 3), (7, 257, 33, 2), (17, 1000, 24, 16), (2, 300, 9, 1)]
+# (features, window, hidden, outputs). Small hidden sizes matter: the optimized variants' reset loops, compiled
+# with the model's sizes and zero points, are largest there (hidden 4 with three layers on AVR).
+CODE_SHAPES = [(1, 1, 1, 1), (3, 10, 5, 4), (6, 100, 32, 3), (7, 257, 33, 2), (17, 1000, 24, 16), (2, 300, 9, 1),
+               (28, 300, 4, 10), (3, 5, 4, 10), (12, 40, 2, 6)]
+# On Arm also sizes too large for the ATmega328P: without a head, output() copies the last h with a memcpy that
+# gcc expands inline up to 64 bytes, longest for sizes of 3 modulo 4 (51 and 63).
+ARM_CODE_SHAPES = [(24, 186, 51, 1), (2, 8, 63, 5)]
 # Per-channel scales for the shapes up to hidden 24 (larger ones with three layers overflow the ATmega328P's flash).
 PER_CHANNEL_MAX_HIDDEN = 24
 # A program that references the functions of a generated model that the firmware calls (reset, step, output,
@@ -205,7 +211,7 @@ def measure_code(cc: str, target_flags: tuple[str, ...], tmp_path: Path, variant
     largest: dict[int, int] = {}
     kernel: dict[bool, set[int]] = {True: set(), False: set()}
     for layers in (1, 2, 3):
-        for n, (features, window, hidden, outputs) in enumerate(CODE_SHAPES):
+        for n, (features, window, hidden, outputs) in enumerate(CODE_SHAPES + ARM_CODE_SHAPES * (arch == "arm")):
             for head in (outputs, None):
                 for per_channel in (False, True)[:1 + (hidden <= PER_CHANNEL_MAX_HIDDEN)]:
                     model = random_model(n, hidden_sizes=(hidden,) * layers, input_size=features, window=window,
@@ -336,8 +342,11 @@ def test_max_hidden_on_uno_sim_really_fits(tmp_path):
     assert flash + board.overhead.flash_bytes <= board.flash_bytes
     assert ram + board.overhead.ram_bytes <= board.ram_bytes
     p = plan(board, ModelShape.from_model(model), buffer_window=True)
-    assert p.ram.model == ram  # h, c, scratch, the window and the output: exact on AVR
-    assert flash <= p.flash.model <= flash + 64  # code is a bound within a few bytes
+    # h, c, scratch and the window: exact on AVR. The test's program also holds an output buffer, which the HIL
+    # firmware the plan counts does not (it writes the output into its frame buffer).
+    assert p.ram.model + model.output_size == ram
+    # Code is a bound: within 1% of the firmware's flash or 64 bytes, whichever is larger (the plan's criterion).
+    assert flash <= p.flash.model <= flash + max(64, (flash + board.overhead.flash_bytes) // 100)
 
 
 def test_far_too_large_model_on_uno_exits_1_naming_the_resource():

@@ -80,7 +80,9 @@ def test_real_board_project_config_offline(board_name, tmp_path):
                          capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
     board = load_board(board_name)
-    assert f"platform       =  {board.platformio.platform}" in out.stdout
+    # A real board's platform is pinned to the release its board file names, so its build is reproducible.
+    assert board.platformio.version is not None
+    assert f"platform       =  platformio/{board.platformio.platform}@{board.platformio.version}\n" in out.stdout
     assert f"board          =  {board.platformio.board}" in out.stdout
 
 

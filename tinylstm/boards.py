@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,13 @@ class PlatformIO:
     platform: str
     board: str
     framework: str
+    version: str | None  # the platform release the generated platformio.ini pins (None: a local platform)
+    compiler: str  # the compiler this platform builds with
+
+    @property
+    def spec(self) -> str:
+        """The platform as platformio.ini names it: pinned to its version when it has one."""
+        return f"platformio/{self.platform}@{self.version}" if self.version else self.platform
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class KernelCode:
     model_text_per_layer: int
     estimate: bool
     source: str
+    compiler: str  # the compiler the figures were measured with
     # The same four figures for the optimized kernel variants measured on this target (export.VARIANTS).
     variants: dict[str, KernelCode] = field(default_factory=dict)
 
@@ -107,6 +116,20 @@ class Board:
         """The board as its file's JSON document."""
         return json.loads(self.path.read_text())
 
+    @property
+    def measured_toolchain(self) -> bool:
+        """Whether the board builds with the compiler its code figures were measured with."""
+        return self.code.compiler == self.platformio.compiler
+
+    def toolchain_note(self) -> str:
+        """What the planner adds for the board's compiler (budget.UNMEASURED_TOOLCHAIN_MARGIN)."""
+        from tinylstm.budget import UNMEASURED_TOOLCHAIN_MARGIN
+
+        if self.measured_toolchain:
+            return "the board builds with that compiler: no margin"
+        return (f"the board builds with another compiler: the planner adds {UNMEASURED_TOOLCHAIN_MARGIN:.0%} of "
+                f"the code as a margin")
+
     def describe(self) -> str:
         """Every figure of the board, each with its source."""
         overhead, code = self.overhead, self.code
@@ -126,8 +149,9 @@ class Board:
             f"              source: {self.sources['flash_bytes']}",
             f"  DSP/SIMD    {'yes' if self.dsp else 'no'}",
             f"  FPU         {self.fpu}",
-            f"  PlatformIO  platform = {self.platformio.platform}, board = {self.platformio.board}, "
+            f"  PlatformIO  platform = {self.platformio.spec}, board = {self.platformio.board}, "
             f"framework = {self.platformio.framework}",
+            f"  compiler    {self.platformio.compiler}",
             f"  emulator    {emulator}",
             f"  overhead    RAM {overhead.ram_bytes:,} bytes ({parts(overhead.ram)}), "
             f"flash {overhead.flash_bytes:,} bytes ({parts(overhead.flash)})"
@@ -137,6 +161,7 @@ class Board:
             f"{code.dense_text_bytes:,}), generated model at most {code.model_text_base:,} + "
             f"{code.model_text_per_layer:,} per layer{' [estimate]' if code.estimate else ''}",
             f"              source: {code.source}",
+            f"              measured with {code.compiler}; {self.toolchain_note()}",
             f"  file        {self.path}",
         ])
 
@@ -253,7 +278,11 @@ def _load_file(path: Path) -> Board:
         raise f.fail("gcc_target_flags", "must be a list of strings")
 
     pio = f.sub("platformio")
-    platformio = PlatformIO(pio.text("platform"), pio.text("board"), pio.text("framework"))
+    version = pio.get("version", str, required=False)
+    if version is not None and not re.fullmatch(r"\d+\.\d+\.\d+", version):
+        raise pio.fail("version", f"{version!r} is not an exact release (for example 5.0.0)")
+    platformio = PlatformIO(pio.text("platform"), pio.text("board"), pio.text("framework"), version,
+                            pio.text("compiler"))
 
     emu = f.sub("emulator", required=False)
     emulator = Emulator(emu.choice("kind", EMULATOR_KINDS), emu.text("machine")) if emu else None
@@ -274,6 +303,7 @@ def _load_file(path: Path) -> Board:
         model_text_per_layer=code_fields.positive("model_text_per_layer"),
         estimate=code_fields.get("estimate", bool),
         source=code_fields.text("source"),
+        compiler=code_fields.text("compiler"),
     )
     if code.dense_text_bytes > code.kernel_text_bytes:
         raise code_fields.fail("dense_text_bytes", "is part of kernel_text_bytes, so it cannot be larger")
@@ -288,6 +318,7 @@ def _load_file(path: Path) -> Board:
                 model_text_per_layer=v.positive("model_text_per_layer"),
                 estimate=code.estimate,
                 source=code.source,
+                compiler=code.compiler,
             )
 
     return Board(

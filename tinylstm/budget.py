@@ -2,13 +2,17 @@
 
 Every model figure comes from ``tinylstm.export.memory_layout`` and ``kernel_layout``, the same layout the C
 templates emit, so the plan and the generated objects cannot disagree. Around them the plan adds what the
-firmware allocates for the model (the output buffer, and the input window when it is buffered on the device),
-worst-case alignment padding, the measured machine code (the board file's ``code`` record), and the board's
-overhead (framework, HIL protocol, stack reserve). A plan takes microseconds, so sweeps can call it freely.
+firmware allocates for the model (the HIL frame buffer's growth beyond the minimal model's, and the input
+window when it is buffered on the device), worst-case alignment padding, the measured machine code (the board
+file's ``code`` record, plus a margin when the board's stock compiler is not the one measured), and the board's
+overhead (framework, HIL protocol, stack reserve). Flash and RAM totals are upper bounds of what the linker
+gives the HIL firmware (tests/test_planner_bound.py and hil/planner_vs_linker.py check it on random shapes).
+A plan takes microseconds, so sweeps can call it freely.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -47,6 +51,11 @@ _ALIGN_32BIT = (
     (re.compile(r"(_cell|sigmoid_table)$"), 2),
     (re.compile(r"(_weights|_shift|_hidden|^scratch)$"), 1),
 )
+# Largest request payload (a STEP or RUN chunk) the HIL firmware accepts, per code-generation family.
+HIL_MAX_PAYLOAD = {"avr": 128, "arm": 1024, "xtensa": 1024, "riscv": 1024}
+# Code added to the plan, as a share of the measured code, for a board whose stock compiler is not the one its
+# code figures were measured with (docs/boards.md, "Compilers").
+UNMEASURED_TOOLCHAIN_MARGIN = 0.10
 # The layout family each code-generation arch uses: ILP32 targets share the Arm EABI sizes and alignments.
 _LAYOUT_ARCH = {"avr": "avr", "arm": "arm", "xtensa": "arm", "riscv": "arm"}
 
@@ -208,8 +217,30 @@ def _alignment(name: str, layout_arch: str, variant: str = "reference") -> int:
 
 
 def _padding_bound(buffers: list[Buffer], region: str, layout_arch: str, variant: str = "reference") -> int:
-    """Most bytes the linker can insert before the region's objects to align them (order is its choice)."""
-    return sum(_alignment(b.name, layout_arch, variant) - 1 for b in buffers if b.region == region)
+    """Most bytes of padding the model's objects add to the region (the order is the linker's choice).
+
+    AVR aligns no object, but the code after the PROGMEM objects starts on a word: one byte at most. On 32-bit
+    targets an object needs at most its alignment less one byte before it, and only after an object whose size
+    is not a multiple of four has left the offset unaligned: at most 3 bytes per such object, plus 3 where the
+    model's objects meet the firmware's and 3 where the section's end is aligned to a word.
+    """
+    objects = [b for b in buffers if b.region == region]
+    if not objects:
+        return 0
+    if layout_arch == "avr":
+        return 1 if region == "flash" else 0
+    per_object = sum(_alignment(b.name, layout_arch, variant) - 1 for b in objects)
+    unaligned = sum(1 for b in objects if b.nbytes % 4)
+    return min(per_object, 3 * unaligned + 3) + 3
+
+
+def hil_frame_bytes(board: Board, input_size: int, output_size: int) -> int:
+    """Size of the HIL firmware's frame buffer for one model (BUFFER_SIZE in firmware_templates/hil/hil_main.c):
+    a header, the largest of a request payload, a reply with the output and the INFO reply, a CRC, and COBS."""
+    max_payload = max(HIL_MAX_PAYLOAD[board.arch], input_size + 1)
+    info = 2 + 16 + 7 + 9 + 2 + 4 + 1 + len(board.name)
+    frame = 3 + max(max_payload, 6 + output_size, info) + 2
+    return frame + frame // 254 + 1
 
 
 def check_shape(shape: ModelShape) -> None:
@@ -255,9 +286,18 @@ def plan(board: Board, shape: ModelShape, *, buffer_window: bool = False, margin
     items.append(Item("model code", "code", "flash", code.model_text_base + code.model_text_per_layer * layers,
                       "model", upper_bound=True))
 
-    items.append(Item("output", "output", "ram", shape.output_size, "firmware"))
+    # The board's HIL overhead holds the frame buffer of the minimal model (1 input, 1 output); a wider model may
+    # need a larger one (it carries the output in the reply).
+    frame = hil_frame_bytes(board, shape.input_size, shape.output_size) - hil_frame_bytes(board, 1, 1)
+    if frame:
+        items.append(Item("frame buffer growth", "HIL frame", "ram", frame, "firmware"))
     if buffer_window:
         items.append(Item("window", "input window", "ram", shape.window * shape.input_size, "firmware"))
+
+    if board.code.compiler != board.platformio.compiler:
+        measured = sum(i.nbytes for i in items if i.category == "code")
+        items.append(Item("unmeasured compiler", "toolchain margin", "flash",
+                          math.ceil(UNMEASURED_TOOLCHAIN_MARGIN * measured), "kernel", upper_bound=True))
 
     all_buffers = model_buffers + kernel_buffers
     for region in REGIONS:

@@ -37,7 +37,7 @@ import numpy as np
 
 from tinylstm import export
 from tinylstm.boards import Board, BoardError, load_board
-from tinylstm.budget import Plan, PlanError, plan
+from tinylstm.budget import HIL_MAX_PAYLOAD, Plan, PlanError, plan
 from tinylstm.export import ModelShape
 from tinylstm.qmodel import QuantizedModel
 
@@ -50,8 +50,6 @@ HARNESS_SOURCE = REPO_ROOT / "boards" / "emulators" / "simavr_uart.c"
 SCONS_VERSION = "4.11.1"
 REAL_BOARD_BAUD = 115200
 SIMAVR_BAUD = 1_000_000  # simavr times the UART by its baud rate: faster links, shorter tests
-# Largest request payload (a STEP or RUN chunk) the firmware accepts, per code-generation family.
-MAX_PAYLOAD = {"avr": 128, "arm": 1024, "xtensa": 1024, "riscv": 1024}
 HIL_MAX_WINDOW = 0xFFFF  # the INFO reply and RUN step counts carry the window in 16 bits (docs/hil-protocol.md)
 # UART driver of each QEMU machine.
 QEMU_SERIAL = {"mps2-an385": "serial_cmsdk.c", "mps2-an386": "serial_cmsdk.c", "mps2-an500": "serial_cmsdk.c",
@@ -379,7 +377,7 @@ def generate_project(models: QuantizedModel | Sequence[QuantizedModel], board: B
         "board": board.name,
         "cpu_hz": board.clock_hz,
         "baud": SIMAVR_BAUD if emulated and board.emulator.kind == "simavr" else REAL_BOARD_BAUD,
-        "max_payload": max(MAX_PAYLOAD[board.arch], max_input + 1),
+        "max_payload": max(HIL_MAX_PAYLOAD[board.arch], max_input + 1),
         "max_output": max_output,
         "models": [{"prefix": p, "PREFIX": p.upper()} for p in prefixes],
         "arduino": board.platformio.framework == "arduino",
@@ -429,7 +427,7 @@ def project_lock(out_dir: Path) -> Iterator[None]:
 
 def _platform_spec(board: Board) -> str:
     local = PLATFORMS_DIR / board.platformio.platform
-    return f"symlink://{local}" if local.is_dir() else board.platformio.platform
+    return f"symlink://{local}" if local.is_dir() else board.platformio.spec
 
 
 def _platform_packages(board: Board) -> list[str]:
@@ -596,21 +594,53 @@ class Overhead:
 
     framework_flash: int  # C runtime, start-up code, vector table: a firmware whose main() does nothing
     framework_ram: int
-    hil_flash: int  # the HIL firmware with the minimal model, less the framework and the planner's model part
+    hil_flash: int  # the HIL firmware with the minimal model, less the framework and what the model part links
     hil_ram: int
     compiler: str
 
 
+def object_file(project: Project, source: str) -> Path:
+    """The object file PlatformIO compiled from ``src/<source>`` of a built project."""
+    return project.path / ".pio" / "build" / project.env_name / "src" / (Path(source).stem + ".o")
+
+
+def linked_functions(result: BuildResult, source: str) -> dict[str, int]:
+    """{function: size in the linked firmware} of the functions compiled from ``src/<source>`` that the linker
+    kept (read with nm: code symbols t/T of the object file, sizes from the ELF)."""
+    nm = TOOLCHAINS[result.project.board.arch].prefix + "nm"
+
+    def code_symbols(path: Path) -> dict[str, int]:
+        out = subprocess.run([nm, "-S", "--defined-only", str(path)], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise FirmwareError(f"{nm} failed on {path}: {out.stderr.strip()}")
+        symbols = {}
+        for line in out.stdout.splitlines():
+            parts = line.split()
+            if len(parts) == 4 and parts[2] in "tT":
+                symbols[parts[3]] = int(parts[1], 16)
+        return symbols
+
+    compiled = code_symbols(object_file(result.project, source))
+    return {name: size for name, size in code_symbols(result.elf).items() if name in compiled}
+
+
 def measure_overhead(board: Board | str, work_dir: Path) -> Overhead:
     """Build a do-nothing firmware and the HIL firmware with ``minimal_model()`` for an emulated board, and
-    split the linker's figures into framework and HIL overhead (the planner's model part subtracted)."""
+    split the linker's figures into framework and HIL overhead.
+
+    The HIL overhead is what remains of the HIL firmware once the framework and the model part are taken out;
+    the model part is counted as linked, not as planned: the plan's exact objects, the model functions the
+    firmware links (read from the ELF) and the kernel's code figure. Padding is left in the overhead. Subtracting
+    the plan's upper bounds instead would shrink the overhead by their slack at this model, and the plan would
+    fall short of the linker for models whose code reaches its bound.
+    """
     board = load_board(board) if isinstance(board, str) else board
     if board.emulator is None:
         raise FirmwareError(f"{board.name} is not emulated: its overhead cannot be measured offline")
     model = minimal_model()
-    # The overhead does not depend on the kernel: measured with the reference kernel and its exact code figures.
+    # The overhead does not depend on the kernel: measured with the reference kernel.
     hil_project = generate_project(model, board, Path(work_dir) / "hil", force=True, variant="reference")
-    hil_sizes = build(hil_project).sizes
+    hil = build(hil_project)
     bare_path = Path(work_dir) / "bare"
     bare_project = generate_project(model, board, bare_path, force=True, variant="reference")
     for source in (bare_path / "src").iterdir():
@@ -619,8 +649,11 @@ def measure_overhead(board: Board | str, work_dir: Path) -> Overhead:
     (bare_path / "src" / "main.c").write_text(_BARE_MAIN)
     bare = build(bare_project)
     p = plan(board, ModelShape.from_model(model), variant="reference")
-    return Overhead(bare.sizes.flash, bare.sizes.ram, hil_sizes.flash - bare.sizes.flash - p.flash.model,
-                    hil_sizes.ram - bare.sizes.ram - p.ram.model, bare.compiler)
+    model_functions = sum(linked_functions(hil, f"{hil_project.prefixes[0]}.c").values())
+    linked = {region: sum(i.nbytes for i in p.items if i.region == region and
+                          (not i.upper_bound or i.name == "kernel code")) for region in ("flash", "ram")}
+    return Overhead(bare.sizes.flash, bare.sizes.ram, hil.sizes.flash - bare.sizes.flash - linked["flash"]
+                    - model_functions, hil.sizes.ram - bare.sizes.ram - linked["ram"], bare.compiler)
 
 
 # ----------------------------------------------------------------------------------------------------------
