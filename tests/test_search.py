@@ -171,7 +171,7 @@ def test_a_killed_worker_is_retried_and_a_bad_trial_fails_without_stopping_the_s
     assert killed["result"]["pid"] != killer.killed
     assert killed["result"]["epochs_run"] == 30
     for rid in ("h4_w100_s1_lr-1", "h8_w100_s1_lr-1"):
-        assert by_id[rid]["status"] == "failed" and "Invalid learning rate" in by_id[rid]["error"]
+        assert by_id[rid]["status"] == "failed" and "[train] lr must be > 0" in by_id[rid]["error"]
     assert by_id["h4_w100_s1_lr0.003"]["status"] == "completed"
     assert np.isfinite(result.recommended["result"]["int8"])
 
