@@ -99,6 +99,11 @@ def _epoch_bar(length: int, label: str, show: bool) -> contextlib.AbstractContex
     )
 
 
+_FILLNA_OPTION = click.option(
+    "--fillna", type=click.Choice(["none", "ffill", "linear", "zero"]), default="none", show_default=True,
+    help="What to do with NaN/inf values (none: refuse the data).")
+
+
 @main.command()
 @click.argument("data", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--dataset", help="A bundled demo set instead of a file: basic_motions, taylor_demand, kdd_tsad_135.")
@@ -114,8 +119,7 @@ def _epoch_bar(length: int, label: str, show: bool) -> contextlib.AbstractContex
 @click.option("--stride", type=int, default=1, show_default=True, help="Steps between window starts.")
 @click.option("--horizon", type=int, default=1, show_default=True, help="Forecasting: future steps to predict.")
 @click.option("--norm", type=click.Choice(["zscore", "minmax", "none"]), default="zscore", show_default=True)
-@click.option("--fillna", type=click.Choice(["none", "ffill", "linear", "zero"]), default="none", show_default=True,
-              help="What to do with NaN/inf values (none: refuse the data).")
+@_FILLNA_OPTION
 @click.option("--val-fraction", type=float, default=0.15, show_default=True)
 @click.option("--test-fraction", type=float, default=0.15, show_default=True)
 @click.option("--normal-rows", type=int, help="Anomaly: length of the known-normal prefix (train + calibration).")
@@ -773,8 +777,7 @@ def _list(text: str | None, kind: type, option: str) -> list[Any] | None:
 @click.option("--features", help="CSV feature columns, comma-separated.")
 @click.option("--target", help="Forecasting/anomaly: the CSV column to predict.")
 @click.option("--label", help="Classification: the CSV label column.")
-@click.option("--fillna", type=click.Choice(["none", "ffill", "linear", "zero"]), default="none", show_default=True,
-              help="What to do with NaN/inf values (none: refuse the data).")
+@_FILLNA_OPTION
 @click.option("--board", required=True, help="The board every candidate must fit (see `tinylstm boards`).")
 @click.option("--hidden", help="Hidden sizes to try, comma-separated [default: 4,6,8,...,128].")
 @click.option("--layers", default="1,2,3", show_default=True, help="Layer counts to try.")

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from tinylstm import __version__
+from tinylstm.data import FILLNA, NORMS, TASKS
 from tinylstm.qmodel import MAX_LAYERS
 from tinylstm.report import build_label, headline
 
@@ -95,10 +96,10 @@ def _one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
 _POSITIVE = ((lambda v: v > 0), "> 0")
 _SHARE = ((lambda v: 0 < v < 1), "between 0 and 1 (exclusive)")
 RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
-    "data": {"window": _at_least(1), "stride": _at_least(1), "norm": _one_of("zscore", "minmax", "none"),
-             "fillna": _one_of("none", "ffill", "linear", "zero"), "val_fraction": _SHARE,
+    "data": {"window": _at_least(1), "stride": _at_least(1), "norm": _one_of(*NORMS), "fillna": _one_of(*FILLNA),
+             "val_fraction": _SHARE,
              "test_fraction": _SHARE, "layout": _one_of("auto", "NTF", "NFT")},
-    "task": {"kind": _one_of("classification", "forecasting", "anomaly"), "horizon": _at_least(1),
+    "task": {"kind": _one_of(*TASKS), "horizon": _at_least(1),
              "normal_rows": _at_least(1), "threshold_margin": _POSITIVE},
     "train": {"epochs": _at_least(1), "lr": _POSITIVE, "batch_size": _at_least(1), "patience": _at_least(1),
               "lr_patience": _at_least(1), "optimizer": _one_of("adam", "adamw"), "weight_decay": _at_least(0),
