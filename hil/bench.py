@@ -17,6 +17,7 @@ import click
 
 from tinylstm import bench, firmware, hil, qmodel
 from tinylstm.boards import BoardError, load_board
+from tinylstm.sampling import SAMPLES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,22 +30,26 @@ from tinylstm.boards import BoardError, load_board
 @click.option("--windows", type=click.IntRange(1), default=50, show_default=True, help="Windows per model.")
 @click.option("--source", type=click.Choice(bench.SOURCES), default="auto", show_default=True,
               help="data: held-out test windows; seed: windows generated on the device; auto: data if available.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=bench.DEFAULT_SEED, show_default=True)
+@click.option("--sample", type=click.Choice(SAMPLES), default="stratified", show_default=True,
+              help="Which held-out windows: stratified (seeded, every class, every labelled anomaly), first, all.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=bench.DEFAULT_SEED, show_default=True,
+              help="Seed of the stratified sample, and of the windows generated on the device.")
 @click.option("--timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
               help="Seconds to wait for each reply.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON report.")
 @click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the Markdown summary.")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG.")
-def main(port, board_name, model_paths, flash_first, baud, windows, source, seed, timeout, json_out, markdown_out,
-         plot_out):
+def main(port, board_name, model_paths, flash_first, baud, windows, source, sample, seed, timeout, json_out,
+         markdown_out, plot_out):
     """Benchmark models on the device at PORT: latency, bit-exactness and held-out accuracy."""
     try:
         models = [qmodel.load(p) for p in model_paths]
         board = load_board(board_name)
-        with click.progressbar(length=windows * len(models), label="windows", file=sys.stderr) as bar:
+        total = sum(bench.planned_windows(m, windows, source, sample) for m in models)
+        with click.progressbar(length=total, label="windows", file=sys.stderr) as bar:
             report = bench.run_bench(models, board, port=port, flash=flash_first, windows=windows, source=source,
-                                     seed=seed, timeout=timeout, baud=baud,
+                                     seed=seed, sample=sample, timeout=timeout, baud=baud,
                                      model_paths=[str(p) for p in model_paths], on_progress=bar.update)
         text = bench.markdown(report)
         bench.save_outputs(report, text, json_out=json_out, markdown_out=markdown_out, plot_out=plot_out)

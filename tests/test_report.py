@@ -81,3 +81,35 @@ def test_report_renders_in_chromium(forecast_run, tmp_path):
     assert dom.count("<svg") == 3  # training curves, forecast, memory bars (no benchmark in this run)
     assert "tinylstm run forecast.toml" in dom
     assert not re.search(r"""(src|href)=["']?https?:""", (forecast_run / "report.html").read_text())
+
+
+def test_forecast_chart_shades_labelled_anomalies_and_marks_flags():
+    """One band per labelled anomaly inside the plotted rows (none for one outside), and a tick under each
+    point whose INT8 error exceeds the threshold."""
+    rows = list(range(100, 200))
+    truth = [0.0] * 100
+    int8 = [0.0] * 100
+    for i in (5, 45, 46):
+        int8[i] = 2.0
+    series = {"row": rows, "truth": truth, "fp32": truth, "int8": int8, "target": "value"}
+    svg = str(report.forecast_chart(series, [[140, 149], [300, 310]], threshold=1.0))
+    assert svg.count('class="labelled"') == 1 and "labelled anomaly, rows 140 to 149" in svg
+    assert svg.count('class="flag"') == 3
+    assert 'class="flag"' not in str(report.forecast_chart(series, [[140, 149]]))
+
+
+@pytest.fixture(scope="module")
+def anomaly_run(tmp_path_factory):
+    """The bundled anomaly set (its labelled anomaly lies thousands of rows into the test split), briefly
+    trained, on a real board without a build."""
+    raw = {"data": {"dataset": "kdd_tsad_135"}, "model": {"hidden": [4]}, "train": {"epochs": 2, "batch_size": 256},
+           "board": {"name": "uno", "build": False}}
+    out = tmp_path_factory.mktemp("anomaly")
+    pipeline.run(pipeline.make_config(raw, "tinylstm run anomaly.toml"), out)
+    return out
+
+
+def test_anomaly_report_shows_the_labelled_anomaly_and_events(anomaly_run):
+    html = (anomaly_run / "report.html").read_text()
+    assert html.count('class="labelled"') == 1 and "labelled anomaly, rows 4187 to 4198" in html
+    assert "labelled events, INT8 host" in html and "point-F1" in html

@@ -4,7 +4,8 @@
 here; a real board (or an emulator already running) is reached by its serial URL, optionally flashed first.
 For every window the device's output is compared with ``tinylstm.reference``; the counts come from the
 device's counter (cycles, QEMU instructions, or µs); models trained by tinylstm also get the end-to-end
-metric on their held-out windows, computed from the device's outputs next to the host's integer reference.
+metric on a sample of their held-out windows (tinylstm.sampling: stratified by class and seeded by default),
+computed from the device's outputs next to the host's integer reference.
 The report is a dict (schema: docs/bench-report.schema.json) that ``markdown`` and ``plot`` render.
 """
 
@@ -25,6 +26,8 @@ import numpy as np
 from tinylstm import __version__, firmware, hil, reference
 from tinylstm.boards import Board, load_board
 from tinylstm.qmodel import QuantizedModel
+from tinylstm.report import bit_exact, device_figure, headline, sample_text
+from tinylstm.sampling import SAMPLES, sample_indices, seeded, take
 
 SCHEMA_ID = "tinylstm-bench-report/1"
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "docs" / "bench-report.schema.json"
@@ -78,34 +81,56 @@ def latency(counts: np.ndarray, info: hil.DeviceInfo, steps: int) -> dict[str, A
 
 @dataclass
 class HeldOut:
-    """The first windows of a trained model's test split, raw and as the device's int8 input."""
+    """A sample of a trained model's test split, raw and as the device's int8 input."""
 
     dataset: Any  # tinylstm.data.Dataset
-    split: Any  # tinylstm.data.Split, the first ``len(int8)`` test windows
+    split: Any  # tinylstm.data.Split, the sampled test windows
     int8: np.ndarray
+    indices: np.ndarray  # their positions in the test split, sorted
+    sample: str  # how they were drawn: one of SAMPLES
+    seed: int
 
 
-def held_out(model: QuantizedModel, count: int) -> HeldOut | None:
-    """The model's held-out test windows (at most ``count``), rebuilt from the data spec in its meta; None for a
-    model that carries no data spec (not trained by tinylstm)."""
+def _dataset(model: QuantizedModel) -> Any:
+    """The model's dataset, rebuilt from the data spec in its meta; None without one (not trained by tinylstm)."""
     spec = model.meta.get("data_spec")
     if not spec:
         return None
-    from tinylstm.data import DataError, DataSpec, Split, load_dataset
+    from tinylstm.data import DataError, DataSpec, load_dataset
 
     try:
-        dataset = load_dataset(DataSpec.from_dict(spec))
+        return load_dataset(DataSpec.from_dict(spec))
     except (DataError, TypeError) as e:
         raise BenchError(f"model {model.name}: cannot rebuild its held-out data: {e}") from None
-    test = dataset.test
-    n = min(count, len(test))
-    split = Split(*(None if a is None else a[:n] for a in (test.x, test.y, test.row, test.naive, test.truth)))
-    return HeldOut(dataset, split, model.quantize_input(split.x))
+
+
+def held_out(model: QuantizedModel, count: int, sample: str = "stratified", seed: int = DEFAULT_SEED
+             ) -> HeldOut | None:
+    """``count`` of the model's held-out test windows drawn as ``sample`` says (tinylstm.sampling; "all": every
+    one); None for a model that carries no data spec."""
+    if sample not in SAMPLES:
+        raise BenchError(f"unknown sample {sample!r}; choose one of {', '.join(SAMPLES)}")
+    dataset = _dataset(model)
+    if dataset is None:
+        return None
+    indices = sample_indices(dataset.test, dataset.task, count, sample, seed)
+    split = take(dataset.test, indices)
+    return HeldOut(dataset, split, model.quantize_input(split.x), indices, sample, seed)
+
+
+def planned_windows(model: QuantizedModel, windows: int, source: str = "auto", sample: str = "stratified") -> int:
+    """How many windows ``bench_model`` runs for the model: ``windows``, or fewer (or, with sample "all", more)
+    when it runs the model's test split."""
+    dataset = None if source == "seed" else _dataset(model)
+    if dataset is None:
+        return windows
+    return len(dataset.test) if sample == "all" else min(windows, len(dataset.test))
 
 
 def accuracy(model: QuantizedModel, data: HeldOut, device_outputs: np.ndarray) -> dict[str, Any]:
-    """The quantizer's metric on the same windows from the device's outputs and from the host's integer
-    reference, plus the quantizer's own INT8 figure on the whole test split for context."""
+    """The quantizer's metric on the sampled windows from the device's outputs and from the host's integer
+    reference (a classifier's device accuracy with its 95 % Wilson interval), and the quantizer's own INT8
+    figure on the whole test split: the quality figure."""
     from tinylstm import evaluate
 
     task = data.dataset.task
@@ -117,23 +142,32 @@ def accuracy(model: QuantizedModel, data: HeldOut, device_outputs: np.ndarray) -
         return evaluate.metrics(task, out, data.dataset, data.split, threshold)
 
     metric = evaluate.HEADLINE[task]
-    quantizer = model.meta.get("evaluation", {}).get("int8", {})
+    quantizer = model.meta.get("evaluation", {}).get("int8")
+    device = metrics(device_outputs)
+    interval = None
+    if task == "classification":
+        interval = list(evaluate.wilson_interval(int(np.trace(device["confusion"])), len(data.int8)))
     return {"task": task, "metric": metric, "split": "test", "windows": len(data.int8),
-            "test_windows": len(data.dataset.test), "device": metrics(device_outputs),
-            "host_int8": metrics(reference.run_batch(model, data.int8)),
-            "quantizer_int8": quantizer.get(metric)}
+            "test_windows": len(data.dataset.test),
+            "sample": {"method": data.sample,
+                       "seed": data.seed if data.sample == "stratified" and seeded(data.dataset.test, task) else None,
+                       "indices": data.indices.tolist()},
+            "device": device, "device_interval": interval,
+            "host_int8": metrics(reference.run_batch(model, data.int8)), "quantizer_int8": quantizer}
 
 
 # ---------------------------------------------------------------------------------------------- one model
 
 
 def bench_model(client: hil.HILClient, model: QuantizedModel, *, windows: int = 50, source: str = "auto",
-                seed: int = DEFAULT_SEED, on_progress: Progress | None = None) -> dict[str, Any]:
+                seed: int = DEFAULT_SEED, sample: str = "stratified", on_progress: Progress | None = None
+                ) -> dict[str, Any]:
     """Benchmark the model on a connected device (selecting it by hash) and return its report entry.
 
-    ``source``: "data" runs the first held-out test windows (accuracy included); "seed" runs windows the
-    device generates itself from ``seed`` (no input transfer); "auto" is "data" for a model that carries its
-    data spec, else "seed". Windows go in BENCH requests when they fit a frame, else one RUN per window.
+    ``source``: "data" runs held-out test windows (accuracy included), ``windows`` of them drawn as ``sample``
+    says (tinylstm.sampling; seeded by ``seed``); "seed" runs windows the device generates itself from ``seed``
+    (no input transfer); "auto" is "data" for a model that carries its data spec, else "seed". Windows go in
+    BENCH requests when they fit a frame, else one RUN per window.
     """
     if source not in SOURCES:
         raise BenchError(f"unknown source {source!r}; choose one of {', '.join(SOURCES)}")
@@ -149,7 +183,7 @@ def bench_model(client: hil.HILClient, model: QuantizedModel, *, windows: int = 
             raise BenchError(f"the device on {client.url} does not hold model {model.name} ({digest}); "
                              "flash it first (tinylstm flash, or bench --flash)") from None
     info = client.info
-    data = held_out(model, windows) if source in ("auto", "data") else None
+    data = held_out(model, windows, sample, seed) if source in ("auto", "data") else None
     if source == "data" and data is None:
         raise BenchError(f"model {model.name} carries no data spec (not trained by tinylstm): use --source seed")
     if data is not None:
@@ -248,7 +282,8 @@ def _flashed(board: Board, model: QuantizedModel, port: str | None, work_dir: Pa
 
 
 def run_bench(models: Sequence[QuantizedModel], board: Board | str, *, port: str | None = None, flash: bool = False,
-              windows: int = 50, source: str = "auto", seed: int = DEFAULT_SEED, timeout: float = 30.0,
+              windows: int = 50, source: str = "auto", seed: int = DEFAULT_SEED, sample: str = "stratified",
+              timeout: float = 30.0,
               ready_timeout: float = 15.0, baud: int | None = None, work_dir: Path | None = None,
               model_paths: Sequence[str] | None = None,
               on_progress: Progress | None = None, variant: str | None = None) -> dict[str, Any]:
@@ -258,7 +293,7 @@ def run_bench(models: Sequence[QuantizedModel], board: Board | str, *, port: str
     afterwards). With ``port`` the device there is used as it is (each model selected by hash), or, with
     ``flash``, each model is built and uploaded to it first. ``baud`` overrides the board's HIL baud rate.
     ``on_progress(n)`` is called after each batch of n windows. ``variant``: the kernel of the firmwares built
-    here (export.VARIANTS; None: firmware.board_variant).
+    here (export.VARIANTS; None: firmware.board_variant). ``sample`` and ``seed``: see ``bench_model``.
     """
     board = load_board(board) if isinstance(board, str) else board
     if not models:
@@ -278,7 +313,7 @@ def run_bench(models: Sequence[QuantizedModel], board: Board | str, *, port: str
                 client = shared or per_model.enter_context(
                     _flashed(board, model, port, Path(work_dir), timeout, ready_timeout, baud, built,
                              variant))
-                entry = bench_model(client, model, windows=windows, source=source, seed=seed,
+                entry = bench_model(client, model, windows=windows, source=source, seed=seed, sample=sample,
                                     on_progress=on_progress)
                 board_entry = board_entry or _board_entry(board, client.info, client.url)
             entry["path"] = model_paths[n] if model_paths else None
@@ -317,11 +352,12 @@ def markdown(report: dict[str, Any]) -> str:
     for m in report["models"]:
         a = m["accuracy"]
         if a is not None:
-            metric = a["metric"]
-            lines += ["", f"**{m['name']}**: {metric} on the first {a['windows']} of {a['test_windows']} test windows:"
-                      f" device {a['device'][metric]:.4g}, host INT8 {a['host_int8'][metric]:.4g}"
-                      + (f" (quantizer, whole test split: {a['quantizer_int8']:.4g})"
-                         if a["quantizer_int8"] is not None else "")]
+            sample = sample_text(a["sample"], a["windows"], a["test_windows"])
+            quality = (f" Quality (INT8 host, whole test split, from the quantizer): "
+                       f"{headline(a['task'], a['quantizer_int8'], with_name=True)}."
+                       if a["quantizer_int8"] is not None else "")
+            lines += ["", f"**{m['name']}**: {bit_exact(m['windows'], m['mismatches'])}, {sample}.{quality} "
+                      f"{device_figure(a['task'], a['device'], a['windows'], a['device_interval'])}."]
         f = m["first_mismatch"]
         if f is not None:
             lines += ["", f"**{m['name']}**: {m['mismatches']} of {m['windows']} windows differ from the reference."

@@ -550,7 +550,14 @@ def flash(model_path: Path | None, board_name: str | None, port: str | None, out
 @click.option("--source", type=click.Choice(["auto", "data", "seed"]), default="auto", show_default=True,
               help="data: the model's held-out test windows (accuracy included); seed: windows the device "
                    "generates from --seed; auto: data if the model was trained by tinylstm, else seed.")
-@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=1, show_default=True)
+@click.option("--sample", type=click.Choice(["stratified", "first", "all"]), default="stratified",
+              show_default=True,
+              help="Which held-out test windows run on the device: stratified: --windows of them drawn with --seed, "
+                   "every class in proportion (at least one each), half of an anomaly sample on the labelled "
+                   "anomalies (at least one window in each), a forecaster's evenly spaced; first: the first "
+                   "--windows; all: the whole test split.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=1, show_default=True,
+              help="Seed of the stratified sample, and of the windows the device generates (--source seed).")
 @click.option("--timeout", type=click.FloatRange(0.1), default=30.0, show_default=True,
               help="Seconds to wait for the device to answer.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
@@ -561,7 +568,7 @@ def flash(model_path: Path | None, board_name: str | None, port: str | None, out
               help="Write a PNG: cycles histogram, and cycles per step vs hidden size for several models.")
 @_VARIANT_OPTION
 def bench(suite: bool, cmsis_nn: Path | None, model_paths: tuple[Path, ...], board_name: str | None,
-          port: str | None, flash_first: bool, windows: int, source: str, seed: int, timeout: float,
+          port: str | None, flash_first: bool, windows: int, source: str, sample: str, seed: int, timeout: float,
           json_out: Path | None, markdown_out: Path | None, plot_out: Path | None, variant: str | None) -> None:
     """Benchmark models on a board: latency from the device's own counter, every output checked bit for bit
     against the integer reference, and accuracy on held-out data from the device's outputs."""
@@ -583,10 +590,10 @@ def bench(suite: bool, cmsis_nn: Path | None, model_paths: tuple[Path, ...], boa
     try:
         models = [qmodel.load(p) for p in model_paths]
         board = load_board(board_name)
-        with click.progressbar(length=windows * len(models), label=f"windows on {board.name}",
-                               file=sys.stderr) as bar:
+        total = sum(hil_bench.planned_windows(m, windows, source, sample) for m in models)
+        with click.progressbar(length=total, label=f"windows on {board.name}", file=sys.stderr) as bar:
             report = hil_bench.run_bench(models, board, port=port, flash=flash_first, windows=windows,
-                                         source=source, seed=seed, timeout=timeout,
+                                         source=source, seed=seed, sample=sample, timeout=timeout,
                                          model_paths=[str(p) for p in model_paths], on_progress=bar.update,
                                          variant=variant)
         text = hil_bench.markdown(report)

@@ -116,6 +116,19 @@ def anomaly_metrics(pred: np.ndarray, split: Split, threshold: float, window: in
     return out
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile: a two-sided 95 % interval
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (95 % by default): sound for small n and for 0 or n successes."""
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n >= 1 (got {successes} of {n})")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def _runs(rows: np.ndarray, max_gap: int) -> list[tuple[int, int]]:
     """Group sorted row indices into (first, last) runs of members at most `max_gap` apart."""
     runs: list[tuple[int, int]] = []

@@ -29,7 +29,8 @@ import numpy as np
 from tinylstm import __version__
 from tinylstm.data import FILLNA, NORMS, TASKS
 from tinylstm.qmodel import MAX_LAYERS
-from tinylstm.report import build_label, headline
+from tinylstm.report import bit_exact, build_label, device_figure, headline, sample_text
+from tinylstm.sampling import SAMPLES, labelled_events, take
 
 MANIFEST = "pipeline.json"
 CONFIG_COPY = "config.toml"
@@ -54,7 +55,7 @@ SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "quantization": {"calibration": (str, "minmax"), "percentile": (float, 99.9), "per_channel": (bool, False),
                      "qat_epochs": (int, 0), "qat_lr": (float, 1e-3)},
     "board": {"name": (str, _UNSET), "build": (bool, True)},
-    "bench": {"windows": (int, 50), "port": (str, None)},
+    "bench": {"windows": (int, 50), "sample": (str, "stratified"), "seed": (int, None), "port": (str, None)},
 }
 
 # The demo's settings per bundled dataset: models that fit the Uno and train in seconds on two cores.
@@ -107,7 +108,7 @@ RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "quantization": {"calibration": _one_of("minmax", "percentile"),
                      "percentile": ((lambda v: 50 < v <= 100), "in (50, 100]"), "qat_epochs": _at_least(0),
                      "qat_lr": _POSITIVE},
-    "bench": {"windows": _at_least(0)},
+    "bench": {"windows": _at_least(0), "sample": _one_of(*SAMPLES), "seed": _at_least(0)},
 }
 
 
@@ -290,6 +291,8 @@ build = true                    # false: only generate the PlatformIO project (r
 
 [bench]
 windows = 50                    # test windows run on the device and checked bit for bit (0: no benchmark)
+sample = "stratified"           # stratified (seeded; every class, every labelled anomaly) | first | all
+# seed = 0                      # the sample's seed (default: [data] seed)
 # port = "/dev/ttyACM0"         # a real board's serial port (emulated boards need none)
 """
 
@@ -389,14 +392,18 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def _subset(split: Any, n: int) -> Any:
-    """The first n windows of a data split."""
-    from tinylstm.data import Split
-
-    def head(a: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None else a[:n]
-
-    return Split(split.x[:n], split.y[:n], head(split.row), head(split.naive), head(split.truth))
+def series_indices(split: Any, task: str) -> np.ndarray:
+    """The test windows the report plots: the first SERIES_POINTS; for labelled anomalies a stretch centred on
+    them, or the whole split thinned evenly when they lie further apart than that."""
+    n = len(split)
+    events = labelled_events(split) if task == "anomaly" else []
+    if n <= SERIES_POINTS or not events:
+        return np.arange(min(n, SERIES_POINTS))
+    lo, hi = int(events[0][0]), int(events[-1][-1])
+    if hi - lo >= SERIES_POINTS:
+        return np.arange(SERIES_POINTS) * n // SERIES_POINTS
+    start = min(max(0, (lo + hi) // 2 - SERIES_POINTS // 2), n - SERIES_POINTS)
+    return np.arange(start, start + SERIES_POINTS)
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -533,8 +540,7 @@ def stage_quantize(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
                                "qat_history": [asdict(h) for h in result.qat.history] if result.qat else [],
                                "quantization": q}
     if ds.task != "classification":
-        n = min(len(ds.test), SERIES_POINTS)
-        split = _subset(ds.test, n)
+        split = take(ds.test, series_indices(ds.test, ds.task))
         summary["series"] = {
             "row": split.row.tolist(), "truth": split.y[:, 0].tolist(),
             "fp32": evaluate.fp32_outputs(result.float_model, ds, split)[:, 0].tolist(),
@@ -586,7 +592,9 @@ def stage_bench(ctx: Context, out: Path) -> tuple[dict[str, Any], str] | None:
     if settings["windows"] <= 0 or not build["built"] or (not board.emulated and not settings["port"]):
         return None
     model = ctx.qmodel()
-    windows = min(settings["windows"], len(ctx.dataset().test))
+    test_windows = len(ctx.dataset().test)
+    windows = test_windows if settings["sample"] == "all" else min(settings["windows"], test_windows)
+    seed = ctx.config["data"]["seed"] if settings["seed"] is None else settings["seed"]
     try:
         with contextlib.ExitStack() as stack:
             if board.emulated:
@@ -596,12 +604,12 @@ def stage_bench(ctx: Context, out: Path) -> tuple[dict[str, Any], str] | None:
                 url = settings["port"]
             client = stack.enter_context(hil.connect(url, baudrate=hil_bench.baudrate(board), timeout=BENCH_TIMEOUT))
             with ctx.reporter.bar(windows, "windows on the device") as advance:
-                entry = hil_bench.bench_model(client, model, windows=windows, source="data",
-                                              on_progress=lambda n: advance("", n))
+                entry = hil_bench.bench_model(client, model, windows=windows, source="data", seed=seed,
+                                              sample=settings["sample"], on_progress=lambda n: advance("", n))
             info = client.info
     except (hil_bench.BenchError, hil.HILError) as e:
         raise PipelineError(str(e)) from None
-    per_window = entry["latency"]["per_window"]
+    per_window, accuracy = entry["latency"]["per_window"], entry["accuracy"]
     summary = {
         "board": board.name, "emulator": f"{board.emulator.kind} {board.emulator.machine}" if board.emulated else None,
         "cpu_hz": info.cpu_hz, "counter": info.counter_kind, "unit": info.unit, "method": entry["method"],
@@ -610,13 +618,18 @@ def stage_bench(ctx: Context, out: Path) -> tuple[dict[str, Any], str] | None:
         "stats": {**{k: per_window[k] for k in ("min", "median", "p99", "max")},
                   "per_step_median": entry["latency"]["per_step"]["median"]},
         "free_ram": info.free_ram, "compiler": build.get("compiler"),
-        "device": entry["accuracy"]["device"], "host_int8": entry["accuracy"]["host_int8"],
+        "test_windows": test_windows, "sample": accuracy["sample"],
+        "device": accuracy["device"], "device_interval": accuracy["device_interval"],
+        "host_int8": accuracy["host_int8"],
     }
     write_json(out / "bench.json", summary)
-    exact = "bit-exact" if not entry["mismatches"] else f"{entry['mismatches']} MISMATCHES"
-    task = ctx.dataset().task
-    return summary, (f"{entry['windows']} windows {exact} against the host; median {per_window['median']:,.0f} "
-                     f"{info.unit} per window; device {headline(task, summary['device'], with_name=True)}")
+    exact = bit_exact(entry["windows"], entry["mismatches"])
+    if entry["mismatches"]:
+        exact += f": {entry['mismatches']} MISMATCHES"
+    device = device_figure(ctx.dataset().task, summary["device"], entry["windows"], summary["device_interval"])
+    sample = sample_text(summary["sample"], entry["windows"], test_windows)
+    return summary, (f"{exact} ({sample}); median {per_window['median']:,.0f} {info.unit} per "
+                     f"window; {device}")
 
 
 def stage_report(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
@@ -822,7 +835,8 @@ def _skip_reason(config: Config) -> str:
 
 
 def summary_text(result: RunResult) -> str:
-    """The closing summary: quality FP32 / INT8 host / INT8 device, latency, memory against the board, artefacts."""
+    """The closing summary: quality (FP32 and INT8 host on the whole test split), the device (windows bit-exact,
+    its own figure with the sample size), latency, memory against the board, artefacts."""
     s = result.summaries
     lines = ["", "Summary"]
     evaluation, bench, build = s.get("quantize"), s.get("bench") or None, s.get("firmware")
@@ -833,11 +847,11 @@ def summary_text(result: RunResult) -> str:
 
         lines.append(f"  {'quality':<10} FP32 {show(c['fp32'])}   INT8 host {show(c['int8'])}"
                      f"   (all {s['data']['windows']['test']} test windows)")
-        if bench:
-            lines.append(f"  {'':<10} INT8 on {bench['board']} {show(bench['device'])}   INT8 host "
-                         f"{show(bench['host_int8'])}   (first {bench['windows']} test windows; "
-                         f"{bench['windows'] - bench['mismatches']}/{bench['windows']} bit-exact)")
     if bench:
+        figure = device_figure(s["data"]["task"], bench["device"], bench["windows"], bench["device_interval"])
+        lines.append(f"  {'device':<10} {bit_exact(bench['windows'], bench['mismatches'])} ({bench['board']}; "
+                     f"{sample_text(bench['sample'], bench['windows'], bench['test_windows'])})")
+        lines.append(f"  {'':<10} {figure}")
         stats, unit = bench["stats"], bench["unit"]
         line = (f"  {'latency':<10} {stats['median']:,.0f} {unit} per inference "
                 f"({stats['per_step_median']:,.0f} per step")

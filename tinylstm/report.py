@@ -169,20 +169,31 @@ def confusion_chart(matrix: list[list[int]], classes: list[str], title: str) -> 
                   f'{"".join(parts)}</svg>')
 
 
-def forecast_chart(series: dict[str, Any], threshold_rows: list[list[int]] | None = None) -> Markup:
-    """Truth, FP32 and INT8 predictions over the first test points; labelled anomalies shaded."""
+LABELLED = "#fed7d7"  # the shading of a labelled anomaly
+
+
+def forecast_chart(series: dict[str, Any], anomalies: list[list[int]] | None = None,
+                   threshold: float | None = None) -> Markup:
+    """Truth, FP32 and INT8 predictions over the plotted test points; each labelled anomaly (first and last row)
+    shaded, and with the INT8 ``threshold`` a red tick under every point the INT8 model flags."""
     rows, truth, fp32, int8 = series["row"], series["truth"], series["fp32"], series["int8"]
     values = [v for v in truth + fp32 + int8 if math.isfinite(v)]
     plot = _Plot(880, 300, (min(rows), max(rows)), (min(values), max(values)))
-    for lo, hi in threshold_rows or []:
+    for lo, hi in anomalies or []:
         if hi >= rows[0] and lo <= rows[-1]:
             x0, x1 = plot.x(max(lo, rows[0])), plot.x(min(hi, rows[-1]))
-            plot.parts.append(f'<rect x="{x0:.1f}" y="{plot.top}" width="{max(2.0, x1 - x0):.1f}" '
-                              f'height="{plot.height - plot.top - plot.bottom}" fill="#fed7d7"/>')
+            plot.parts.append(f'<rect class="labelled" x="{x0:.1f}" y="{plot.top}" width="{max(2.0, x1 - x0):.1f}" '
+                              f'height="{plot.height - plot.top - plot.bottom}" fill="{LABELLED}">'
+                              f'<title>labelled anomaly, rows {lo} to {hi}</title></rect>')
     plot.axes("row of the series", series["target"])
     plot.polyline(rows, truth, TEXT, 1.6)
     plot.polyline(rows, fp32, BLUE, 1.4)
     plot.polyline(rows, int8, ORANGE, 1.4, "5 3")
+    if threshold is not None:
+        base = plot.height - plot.bottom
+        plot.parts.extend(f'<line class="flag" x1="{plot.x(r):.1f}" x2="{plot.x(r):.1f}" y1="{base - 8}" '
+                          f'y2="{base}" stroke="{RED}" stroke-width="1.5"/>'
+                          for r, t, q in zip(rows, truth, int8, strict=True) if abs(q - t) > threshold)
     return plot.svg("forecast against the truth on the test split")
 
 
@@ -283,8 +294,9 @@ def _git_revision(directory: Path) -> str | None:
 
 
 def metric_rows(task: str, fp32: dict[str, Any], int8: dict[str, Any], device: dict[str, Any] | None,
-                host_same: dict[str, Any] | None) -> list[dict[str, str]]:
-    """The FP32 / INT8 host / INT8 device table: one row per metric."""
+                host_same: dict[str, Any] | None, interval: list[float] | None = None) -> list[dict[str, str]]:
+    """The FP32 / INT8 host / INT8 device table: one row per metric; the device's accuracy with its 95 %
+    ``interval``."""
     names = {"classification": [("accuracy", "pct"), ("macro_f1", "f3")],
              "forecasting": [("rmse", "g4"), ("mae", "g4"), ("naive_rmse", "g4")],
              "anomaly": [("f1", "f3"), ("precision", "f3"), ("recall", "f3"), ("anomalies_detected", "int"),
@@ -296,8 +308,11 @@ def metric_rows(task: str, fp32: dict[str, Any], int8: dict[str, Any], device: d
         v = d[key]
         return {"pct": f"{v:.1%}", "f3": f"{v:.3f}", "g4": f"{v:.4g}", "int": f"{v}"}[kind]
 
-    return [{"metric": key.replace("_", " "), "fp32": show(fp32, key, kind), "int8": show(int8, key, kind),
+    rows = [{"metric": key.replace("_", " "), "fp32": show(fp32, key, kind), "int8": show(int8, key, kind),
              "host_same": show(host_same, key, kind), "device": show(device, key, kind)} for key, kind in names]
+    if interval is not None:
+        rows[0]["device"] += f" ({_span(interval)})"
+    return rows
 
 
 def build_label(build: dict[str, Any] | None) -> str:
@@ -308,28 +323,75 @@ def build_label(build: dict[str, Any] | None) -> str:
 
 
 def headline(task: str, metrics: dict[str, Any], *, with_name: bool = False) -> str:
-    """The task's main metric as text: accuracy, RMSE or F1 (the latter two prefixed by their name on request)."""
+    """The task's main figure as text: accuracy, RMSE (prefixed by its name on request), or for anomaly
+    detection the events: labelled ones detected, false alarms and point-F1 (without labels: events flagged)."""
     if task == "classification":
         return f"{metrics['accuracy']:.1%}"
     if task == "forecasting":
-        name, value = "RMSE", f"{metrics['rmse']:.4g}"
-    else:
-        name, value = "F1", f"{metrics.get('f1', 0.0):.2f}"
-    return f"{name} {value}" if with_name else value
+        return f"RMSE {metrics['rmse']:.4g}" if with_name else f"{metrics['rmse']:.4g}"
+    if "anomalies" not in metrics:
+        return _count(len(metrics["events"]), "event") + " flagged"
+    return (f"{metrics['anomalies_detected']}/{_count(len(metrics['anomalies']), 'event')}, "
+            f"{_count(metrics['false_alarms'], 'false alarm')}, point-F1 {metrics['f1']:.2f}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _span(interval: list[float] | None) -> str:
+    assert interval is not None, "an accuracy comes with its interval"
+    return f"95% CI {interval[0]:.1%}–{interval[1]:.1%}"
+
+
+def bit_exact(windows: int, mismatches: int) -> str:
+    """"N/N windows bit-exact on the device"."""
+    return f"{windows - mismatches}/{windows} windows bit-exact on the device"
+
+
+def device_figure(task: str, metrics: dict[str, Any], windows: int, interval: list[float] | None) -> str:
+    """The device's own figure on its sample, always with the sample size; an accuracy also with its 95 %
+    (Wilson) interval."""
+    on = f"on {_count(windows, 'window')}"
+    if task == "classification":
+        return f"device accuracy {metrics['accuracy']:.1%} {on} ({_span(interval)})"
+    if task == "forecasting":
+        return f"device RMSE {metrics['rmse']:.4g} {on}"
+    if "f1" not in metrics:
+        return f"device flagged {metrics['flagged_points']} {on}"
+    return f"device point-F1 {metrics['f1']:.2f} {on}"
+
+
+def sample_text(sample: dict[str, Any], windows: int, test_windows: int) -> str:
+    """Which test windows the device ran; ``sample``: how they were drawn ({"method", "seed"}; a stratified
+    sample without a seed is evenly spaced)."""
+    if windows == test_windows:
+        return f"all {test_windows} test windows"
+    if sample["method"] == "first":
+        return f"the first {windows} of {test_windows} test windows"
+    if sample["seed"] is None:
+        return f"{windows} of {test_windows} test windows, evenly spaced"
+    return f"a stratified sample of {windows} of {test_windows} test windows (seed {sample['seed']})"
 
 
 def summary_cards(task: str, evaluation: dict[str, Any] | None, bench: dict[str, Any] | None,
-                  plan: dict[str, Any] | None, build: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The figures at the top: quality FP32 / INT8 host / INT8 device, latency, memory, bit-exactness."""
+                  plan: dict[str, Any] | None, build: dict[str, Any] | None, test_windows: int) -> list[dict[str, Any]]:
+    """The figures at the top: quality (FP32 and INT8 host on the whole test split), latency, memory, and the
+    device: windows bit-exact, and its own figure with the sample size."""
     cards = []
-    metric = {"classification": "accuracy", "forecasting": "RMSE", "anomaly": "F1 of flagged points"}[task]
     if evaluation:
         c = evaluation["comparison"]
-        values = [("FP32", headline(task, c["fp32"])), ("INT8 host", headline(task, c["int8"]))]
-        if bench:
-            values.append(("INT8 device", headline(task, bench["device"])))
-        detail = "test split" + (f"; device on {bench['windows']} test windows" if bench else "")
-        cards.append({"title": metric, "values": values, "detail": detail, "ok": None})
+        detail = f"all {test_windows} test windows; INT8 host is the integer reference, the device's arithmetic"
+        int8 = c["int8"]
+        if task == "anomaly" and "anomalies" in int8:
+            values = [("detected", f"{int8['anomalies_detected']} / {len(int8['anomalies'])}"),
+                      ("false alarms", f"{int8['false_alarms']}"), ("point-F1", f"{int8['f1']:.2f}")]
+            cards.append({"title": "labelled events, INT8 host", "values": values,
+                          "detail": f"{detail}. FP32: {headline(task, c['fp32'])}", "ok": None})
+        else:
+            title = {"classification": "accuracy", "forecasting": "RMSE", "anomaly": "events flagged"}[task]
+            values = [("FP32", headline(task, c["fp32"])), ("INT8 host", headline(task, int8))]
+            cards.append({"title": title, "values": values, "detail": detail, "ok": None})
     if bench:
         stats, unit = bench["stats"], bench["unit"]
         detail = f"{stats['per_step_median']:,.0f} per time step"
@@ -352,10 +414,12 @@ def summary_cards(task: str, evaluation: dict[str, Any] | None, bench: dict[str,
                       "ok": plan["verdict"] != "does not fit"})
     if bench:
         exact = bench["mismatches"] == 0
-        cards.append({"title": "device vs host", "values": [("bit-exact", f"{bench['windows'] - bench['mismatches']}"
-                                                                          f" / {bench['windows']}")],
-                      "detail": "output bytes equal the integer reference" if exact
-                      else f"{bench['mismatches']} windows differ", "ok": exact})
+        detail = (f"{device_figure(task, bench['device'], bench['windows'], bench['device_interval'])}; "
+                  f"{sample_text(bench['sample'], bench['windows'], bench['test_windows'])}")
+        cards.append({"title": f"on {bench['board']}",
+                      "values": [("bit-exact", f"{bench['windows'] - bench['mismatches']} / {bench['windows']}"
+                                               " windows")],
+                      "detail": detail if exact else f"{bench['mismatches']} windows differ; {detail}", "ok": exact})
     return cards
 
 
@@ -393,7 +457,8 @@ def build_context(out_dir: str | Path) -> dict[str, Any]:
     if evaluation:
         comparison = evaluation["comparison"]
         ctx["metrics"] = metric_rows(task, comparison["fp32"], comparison["int8"],
-                                     bench["device"] if bench else None, bench["host_int8"] if bench else None)
+                                     bench["device"] if bench else None, bench["host_int8"] if bench else None,
+                                     bench["device_interval"] if bench else None)
         if task == "classification":
             classes = data["classes"]
             ctx["confusions"] = [confusion_chart(comparison["fp32"]["confusion"], classes, "FP32 (PyTorch)"),
@@ -401,12 +466,16 @@ def build_context(out_dir: str | Path) -> dict[str, Any]:
                                                  "INT8 (integer reference)")]
             if bench:
                 ctx["confusions"].append(confusion_chart(bench["device"]["confusion"], classes,
-                                                         f"INT8 on {bench['board']}"))
+                                                         f"INT8 on {bench['board']}, {bench['windows']} windows"))
         elif evaluation.get("series"):
-            ctx["forecast_chart"] = forecast_chart(evaluation["series"], comparison["int8"].get("anomalies"))
+            int8 = comparison["int8"]
+            ctx["forecast_chart"] = forecast_chart(evaluation["series"], int8.get("anomalies"), int8.get("threshold"))
             ctx["forecast_keys"] = legend([("truth", TEXT), ("FP32", BLUE), ("INT8 (reference)", ORANGE)]
-                                          + ([("labelled anomaly", "#fed7d7")] if task == "anomaly" else []))
-    ctx["cards"] = summary_cards(task, evaluation, bench, plan, build)
+                                          + ([("labelled anomaly", LABELLED)] if int8.get("anomalies") else [])
+                                          + ([("flagged by INT8", RED)] if task == "anomaly" else []))
+    ctx["cards"] = summary_cards(task, evaluation, bench, plan, build, data["windows"]["test"])
+    if bench:
+        ctx["sample_text"] = sample_text(bench["sample"], bench["windows"], bench["test_windows"])
     if plan:
         ctx["memory_chart"] = memory_bars(plan, build)
     if bench:
