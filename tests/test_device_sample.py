@@ -116,7 +116,7 @@ def test_headline_strings():
     assert report.headline("anomaly", anomaly) == "1/1 event, 2 false alarms, point-F1 0.80"
     assert report.headline("anomaly", {"events": [[1, 2], [5, 9]]}) == "2 events flagged"
     assert report.sample_text({"method": "stratified", "seed": 3}, 40, 400) == \
-        "a stratified sample of 40 of 400 test windows (seed 3)"
+        "a stratified sample of 40 of 400 test windows, seed 3"
     assert report.sample_text({"method": "first", "seed": None}, 40, 400) == "the first 40 of 400 test windows"
     assert report.sample_text({"method": "stratified", "seed": 3}, 40, 40) == "all 40 test windows"
 
@@ -136,11 +136,11 @@ def test_run_summary_quality_is_the_whole_test_split_and_device_has_its_sample()
     text = pipeline.summary_text(pipeline.RunResult(Path("/out"), [], [], [], summaries))
     assert "  quality    FP32 90.0%   INT8 host 90.0%   (all 400 test windows)" in text
     assert ("  device     40/40 windows bit-exact on the device (uno_sim; a stratified sample of 40 of 400 test "
-            "windows (seed 0))") in text
+            "windows, seed 0)") in text
     assert "device accuracy 50.0% on 40 windows (95% CI 35.0%–65.0%)" in text
     cards = report.summary_cards("classification", summaries["quantize"], summaries["bench"], None, None, 400)
     assert cards[0]["values"] == [("FP32", "90.0%"), ("INT8 host", "90.0%")]  # no device figure among them
-    assert cards[-1]["values"] == [("bit-exact", "40 / 40 windows")]
+    assert cards[-1]["values"] == [("windows bit-exact", "40 / 40")]
     assert cards[-1]["detail"].startswith("device accuracy 50.0% on 40 windows (95% CI 35.0%–65.0%)")
 
 
@@ -168,6 +168,17 @@ def test_held_out_sample_and_its_accuracy_entry():
     correct = int(np.sum(outputs.argmax(axis=1) == data.split.y))
     assert entry["device_interval"] == list(evaluate.wilson_interval(correct, 8))
     assert bench.planned_windows(model, 8, sample="all") == 40 and bench.planned_windows(model, 8) == 8
+    model.meta["evaluation"] = {"int8": {"accuracy": 0.925}}
+    stats = bench.summary([1, 2])
+    latency = {"note": "", "per_window": stats, "per_step": stats, "us_per_window": None}
+    entry = {"name": "bm", "hidden_sizes": [4], "windows": 8, "source": "data", "mismatches": 0, "first_mismatch": None,
+             "latency": latency, "firmware": None, "accuracy": bench.accuracy(model, data, outputs)}
+    board = {"name": "uno_sim", "unit": "cycles", "device_board": "uno", "url": "", "cpu_hz": 16e6, "counter": "cycles",
+             "free_ram": None}
+    text = bench.markdown({"board": board, "models": [entry]})
+    assert (f"**bm**: quality (INT8 host on the whole test split, from the quantizer) 92.5%; 8/8 windows bit-exact on "
+            f"the device (a stratified sample of 8 of 40 test windows, seed 5); device accuracy {correct / 8:.1%} on "
+            f"8 windows (95% CI ") in text
     with pytest.raises(bench.BenchError, match="unknown sample 'every'"):
         bench.held_out(model, 8, "every")
 

@@ -353,11 +353,11 @@ def markdown(report: dict[str, Any]) -> str:
         a = m["accuracy"]
         if a is not None:
             sample = sample_text(a["sample"], a["windows"], a["test_windows"])
-            quality = (f" Quality (INT8 host, whole test split, from the quantizer): "
-                       f"{headline(a['task'], a['quantizer_int8'], with_name=True)}."
+            quality = (f"quality (INT8 host on the whole test split, from the quantizer) "
+                       f"{headline(a['task'], a['quantizer_int8'], with_name=True)}; "
                        if a["quantizer_int8"] is not None else "")
-            lines += ["", f"**{m['name']}**: {bit_exact(m['windows'], m['mismatches'])}, {sample}.{quality} "
-                      f"{device_figure(a['task'], a['device'], a['windows'], a['device_interval'])}."]
+            lines += ["", f"**{m['name']}**: {quality}{bit_exact(m['windows'], m['mismatches'])} ({sample}); "
+                      f"{device_figure(a['task'], a['device'], a['windows'], a['device_interval'])}"]
         f = m["first_mismatch"]
         if f is not None:
             lines += ["", f"**{m['name']}**: {m['mismatches']} of {m['windows']} windows differ from the reference."

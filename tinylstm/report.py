@@ -371,7 +371,7 @@ def sample_text(sample: dict[str, Any], windows: int, test_windows: int) -> str:
         return f"the first {windows} of {test_windows} test windows"
     if sample["seed"] is None:
         return f"{windows} of {test_windows} test windows, evenly spaced"
-    return f"a stratified sample of {windows} of {test_windows} test windows (seed {sample['seed']})"
+    return f"a stratified sample of {windows} of {test_windows} test windows, seed {sample['seed']}"
 
 
 def summary_cards(task: str, evaluation: dict[str, Any] | None, bench: dict[str, Any] | None,
@@ -416,9 +416,8 @@ def summary_cards(task: str, evaluation: dict[str, Any] | None, bench: dict[str,
         exact = bench["mismatches"] == 0
         detail = (f"{device_figure(task, bench['device'], bench['windows'], bench['device_interval'])}; "
                   f"{sample_text(bench['sample'], bench['windows'], bench['test_windows'])}")
-        cards.append({"title": f"on {bench['board']}",
-                      "values": [("bit-exact", f"{bench['windows'] - bench['mismatches']} / {bench['windows']}"
-                                               " windows")],
+        exact_windows = f"{bench['windows'] - bench['mismatches']} / {bench['windows']}"
+        cards.append({"title": f"on {bench['board']}", "values": [("windows bit-exact", exact_windows)],
                       "detail": detail if exact else f"{bench['mismatches']} windows differ; {detail}", "ok": exact})
     return cards
 
