@@ -3,8 +3,10 @@ covers every labelled anomaly, the Wilson interval of a device accuracy, and the
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -167,6 +169,8 @@ def test_held_out_sample_and_its_accuracy_entry():
     assert entry["sample"] == {"method": "stratified", "seed": 5, "indices": data.indices.tolist()}
     correct = int(np.sum(outputs.argmax(axis=1) == data.split.y))
     assert entry["device_interval"] == list(evaluate.wilson_interval(correct, 8))
+    schema = json.loads(bench.SCHEMA_PATH.read_text())["$defs"]["model"]["properties"]["accuracy"]
+    jsonschema.validate(entry, schema)
     assert bench.planned_windows(model, 8, sample="all") == 40 and bench.planned_windows(model, 8) == 8
     model.meta["evaluation"] = {"int8": {"accuracy": 0.925}}
     stats = bench.summary([1, 2])
