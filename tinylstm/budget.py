@@ -123,7 +123,7 @@ class Deadline:
 
     sample_rate_hz: float
     status: str
-    step_counts: float | None  # predicted counts of the longest step, in ``unit``
+    step_counts: float | None  # counts of the step judged, in ``unit`` (predicted longest, or measured mean)
     unit: str | None
     step_seconds: float | None
     note: str  # how counts became time, or why the deadline is not checked
@@ -139,7 +139,7 @@ class Deadline:
 
     @property
     def max_rate_hz(self) -> float | None:
-        """The highest sample rate the predicted step keeps up with."""
+        """The highest sample rate the step keeps up with."""
         return None if self.step_seconds is None else 1.0 / self.step_seconds
 
     def margin(self) -> str:
