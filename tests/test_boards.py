@@ -137,7 +137,7 @@ def test_cli_lists_every_board():
     assert result.exit_code == 0
     listed = {line.split()[0] for line in result.output.splitlines()[1:]}
     assert listed == set(board_names())
-    assert re.search(r"^uno_sim\s+ATmega328P / avr5\s+16 MHz\s+2 KB\s+32 KB\s+simavr atmega328p$",
+    assert re.search(r"^uno_sim\s+ATmega328P / avr5\s+16 MHz\s+2 KB\s+32 KB\s+simavr atmega328p\s+cycles$",
                      result.output, re.M)
 
 

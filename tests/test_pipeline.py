@@ -30,6 +30,7 @@ def test_config_errors_name_the_section_and_key(tmp_path):
         ({**base, "data": {"dataset": "basic_motions", "path": "x.csv"}}, "either path"),
         ({**base, "data": {"path": "x.csv"}}, r"\[task\] kind is required"),
         ({**base, "model": {"hidden": [0]}}, "positive sizes"),
+        ({**base, "data": {"dataset": "basic_motions", "sample_rate_hz": 0}}, r"\[data\] sample_rate_hz must be > 0"),
     ]
     for raw, message in cases:
         with pytest.raises(pipeline.PipelineError, match=message):
@@ -109,6 +110,34 @@ def test_model_that_does_not_fit_stops_before_training(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.toml", "data", "pipeline.json"]
 
 
+def test_model_too_slow_for_the_sample_rate_stops_before_training(tmp_path):
+    shutil.copy(DATA_DIR / "taylor_demand.csv", tmp_path / "demand.csv")
+    config = pipeline.load_config(_write_project(tmp_path, board={"name": "uno_sim"}, model={"hidden": [32]},
+                                                 data={"sample_rate_hz": 1000.0}))
+    refusal = r"plan: does not fit uno_sim: time: step .* too slow .*; set \[model\] hidden = \[\d+\] or a lower " \
+              r"\[data\] sample_rate_hz"
+    with pytest.raises(pipeline.PipelineError, match=refusal):
+        pipeline.run(config, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.toml", "data", "pipeline.json"]
+
+
+def test_a_new_sample_rate_replans_without_retraining(tmp_path):
+    shutil.copy(DATA_DIR / "taylor_demand.csv", tmp_path / "demand.csv")
+    out = tmp_path / "out"
+
+    def run(rate: float) -> pipeline.RunResult:
+        path = _write_project(tmp_path, board={"name": "uno_sim", "build": False}, data={"sample_rate_hz": rate})
+        return pipeline.run(pipeline.load_config(path), out)
+
+    first = run(10.0)
+    assert first.summaries["plan"]["deadline"]["sample_rate_hz"] == 10.0
+    assert "real time  predicted step" in pipeline.summary_text(first)
+    second = run(20.0)
+    assert second.ran == ["data", "plan", "report"]
+    assert "train" in second.cached and second.summaries["plan"]["deadline"]["sample_rate_hz"] == 20.0
+    assert "real time at 20 Hz" in (out / "report.html").read_text()
+
+
 def test_cli_reference_is_current():
     spec = importlib.util.spec_from_file_location("gen_cli", REPO / "docs" / "gen_cli.py")
     module = importlib.util.module_from_spec(spec)
@@ -145,3 +174,32 @@ def test_demo_on_the_uno(tmp_path):
     if CHROMIUM:
         dom = open_in_chromium(out / "report.html", tmp_path / "demo.png", tmp_path)
         assert 'id="bit-exact"' in dom and dom.count("<svg") == 6  # curves, 3 confusions, memory, latency
+
+
+@pytest.mark.slow
+def test_bench_measures_the_step_against_the_sample_period(tmp_path):
+    """On the emulated Uno: the benchmark judges the measured step against [data] sample_rate_hz, and a new rate
+    re-judges it without rebuilding the firmware."""
+    shutil.copy(DATA_DIR / "taylor_demand.csv", tmp_path / "demand.csv")
+    out = tmp_path / "out"
+
+    def run(rate: float) -> pipeline.RunResult:
+        path = _write_project(tmp_path, board={"name": "uno_sim", "build": True}, bench={"windows": 5},
+                              data={"sample_rate_hz": rate})
+        return pipeline.run(pipeline.load_config(path), out)
+
+    first = run(100.0)
+    bench = json.loads((out / "bench" / "bench.json").read_text())
+    measured, planned = bench["deadline"], first.summaries["plan"]["deadline"]
+    # The measured mean step in cycles at 16 MHz, against the 10 ms period.
+    assert measured["step_s"] == pytest.approx(bench["stats"]["per_step_median"] / 16e6)
+    assert measured["share"] == pytest.approx(measured["step_s"] * 100.0)
+    assert measured["status"] == "fits"
+    # The measured mean step includes each window's reset and its one head; the prediction is the last step
+    # (step + head). They agree to well within a factor of two.
+    assert 0.5 < measured["step_s"] / planned["step_s"] < 2.0
+    assert "real time  measured step" in pipeline.summary_text(first)
+    assert "measured step" in (out / "report.html").read_text()
+    second = run(50.0)
+    assert second.ran == ["data", "plan", "bench", "report"] and "firmware" in second.cached
+    assert json.loads((out / "bench" / "bench.json").read_text())["deadline"]["sample_rate_hz"] == 50.0

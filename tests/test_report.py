@@ -113,3 +113,22 @@ def test_anomaly_report_shows_the_labelled_anomaly_and_events(anomaly_run):
     html = (anomaly_run / "report.html").read_text()
     assert html.count('class="labelled"') == 1 and "labelled anomaly, rows 4187 to 4198" in html
     assert "labelled events, INT8 host" in html and "point-F1" in html
+
+
+def test_real_time_card_shows_the_measured_margin_beside_the_prediction():
+    from tinylstm.boards import load_board
+    from tinylstm.budget import Deadline, timed
+
+    board = load_board("uno_sim")
+    # 20,000 cycles at 16 MHz = 1.25 ms; 30,000 = 1.875 ms; at 400 Hz the period is 2.5 ms.
+    planned = timed(board, 20_000, "cycles", 400.0, 0.1, "predicted").to_dict()
+    measured = timed(board, 30_000, "cycles", 400.0, 0.1, "measured").to_dict()
+    card = report.real_time_card({"deadline": planned}, {"deadline": measured})
+    assert card["title"] == "real time at 400 Hz" and card["ok"] is True
+    assert card["values"] == [("period", "2.5 ms"), ("measured step", "1.88 ms"), ("predicted step", "1.25 ms")]
+    assert card["detail"].startswith("device: uses 75% of the period")
+    slow = timed(board, 60_000, "cycles", 400.0, 0.1, "measured").to_dict()  # 3.75 ms
+    card = report.real_time_card({"deadline": planned}, {"deadline": slow})
+    assert card["ok"] is False and card["detail"].startswith("device: 1.5x too slow (keeps up to 267 Hz)")
+    assert Deadline.from_dict(slow).to_dict() == slow
+    assert report.real_time_card({"deadline": None}, None) is None

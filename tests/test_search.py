@@ -5,6 +5,7 @@ import os
 import signal
 import tempfile
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from ray import tune
 
-from tinylstm import costmodel, pipeline, search
+from tinylstm import budget, costmodel, pipeline, search
 from tinylstm.boards import load_board
 from tinylstm.cli import main
 from tinylstm.export import ModelShape
@@ -185,3 +186,19 @@ def test_cost_model_predicts_cycles_measured_in_simavr_for_a_shape_left_out():
     fit = costmodel.CostModel(costmodel.parse_measurements(measured)).fits[("uno_sim", "reference")]
     assert fit.unit == "cycles" and len(fit.loo_errors) == 4
     assert fit.loo_max < 0.05
+
+
+def test_candidates_that_cannot_keep_up_with_the_sample_rate_are_pruned(tmp_path):
+    board = load_board("uno_sim")
+    steps = {h: budget.plan(board, ModelShape(6, (h,), 100, 4), sample_rate_hz=1.0).deadline.step_seconds
+             for h in (4, 32)}
+    rate = 1.0 / (steps[4] * steps[32]) ** 0.5  # hidden 4 keeps up, hidden 32 does not
+    settings = _settings([4, 32])
+    settings = replace(settings, project={**settings.project,
+                                          "data": {**settings.project["data"], "sample_rate_hz": rate}})
+    probe = search.project_config(settings.project, search.Candidate((1,), 1, 1, 1e-3), "uno_sim", True, "x", "")
+    dataset = pipeline.Context(probe, tmp_path, pipeline.Reporter()).dataset()
+    fitting, pruned = search._candidate_entries(settings, dataset, board, False, costmodel.default_model())
+    assert [e["candidate"]["hidden"] for e in fitting] == [[4]]
+    assert [p["id"] for p in pruned] == ["h32_w100_s1_lr0.003"]
+    assert pruned[0]["reason"].startswith("does not fit uno_sim: time: step") and "too slow" in pruned[0]["reason"]

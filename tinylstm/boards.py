@@ -30,6 +30,23 @@ class BoardError(ValueError):
 class Emulator:
     kind: str  # "simavr" or "qemu"
     machine: str  # simavr MCU name or QEMU -M machine
+    # QEMU counts instructions: the cycles one takes on the real core, to turn counts into time (None: simavr,
+    # which counts cycles).
+    cycles_per_instruction: float | None = None
+    cpi_estimate: bool = False
+    cpi_source: str = ""
+
+    @property
+    def unit(self) -> str:
+        """What the emulator's latency counts are: cycles (simavr) or instructions (QEMU)."""
+        return "cycles" if self.kind == "simavr" else "instructions"
+
+    def timing(self) -> str:
+        """One line: what a count is and how it becomes time."""
+        if self.cycles_per_instruction is None:
+            return "simavr counts cycles (cycle-accurate): no conversion"
+        return (f"QEMU counts instructions; time assumes {self.cycles_per_instruction:g} cycles per instruction"
+                f"{' [estimate]' if self.cpi_estimate else ''}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +129,18 @@ class Board:
     def emulated(self) -> bool:
         return self.emulator is not None
 
+    def seconds(self, count: float, unit: str) -> float:
+        """Time of ``count`` latency counts in ``unit``: cycles at the board's clock, instructions (QEMU) at the
+        emulator's cycles per instruction, or microseconds."""
+        if unit == "cycles":
+            return count / self.clock_hz
+        if unit == "us":
+            return count * 1e-6
+        if unit == "instructions" and self.emulator is not None and self.emulator.cycles_per_instruction:
+            return count * self.emulator.cycles_per_instruction / self.clock_hz
+        raise BoardError(f"{self.name}: cannot turn {unit} into time (instructions need the emulator's "
+                         "timing.cycles_per_instruction)")
+
     def to_dict(self) -> dict[str, Any]:
         """The board as its file's JSON document."""
         return json.loads(self.path.read_text())
@@ -153,6 +182,9 @@ class Board:
             f"framework = {self.platformio.framework}",
             f"  compiler    {self.platformio.compiler}",
             f"  emulator    {emulator}",
+            *([f"  timing      {self.emulator.timing()}"] if self.emulator else []),
+            *([f"              source: {self.emulator.cpi_source}"] if self.emulator and self.emulator.cpi_source
+              else []),
             f"  overhead    RAM {overhead.ram_bytes:,} bytes ({parts(overhead.ram)}), "
             f"flash {overhead.flash_bytes:,} bytes ({parts(overhead.flash)})"
             f"{' [estimate]' if overhead.estimate else ''}",
@@ -253,9 +285,25 @@ class _Fields:
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    names = {bool: "true/false", int: "an integer", str: "a string", dict: "an object", list: "a list",
-             type(None): "null"}
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "an object",
+             list: "a list", type(None): "null"}
     return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _emulator(emu: _Fields | None) -> Emulator | None:
+    """The emulator record; a QEMU board must state its cycles per instruction and their source."""
+    if emu is None:
+        return None
+    kind, machine = emu.choice("kind", EMULATOR_KINDS), emu.text("machine")
+    timing = emu.sub("timing", required=kind == "qemu")
+    if kind == "simavr":
+        if timing is not None:
+            raise emu.fail("timing", "simavr counts cycles; cycles per instruction apply to QEMU boards only")
+        return Emulator(kind, machine)
+    cpi = timing.get("cycles_per_instruction", (int, float))
+    if not cpi > 0:
+        raise timing.fail("cycles_per_instruction", f"must be > 0, got {cpi}")
+    return Emulator(kind, machine, float(cpi), timing.get("estimate", bool), timing.text("source"))
 
 
 def _load_file(path: Path) -> Board:
@@ -284,8 +332,7 @@ def _load_file(path: Path) -> Board:
     platformio = PlatformIO(pio.text("platform"), pio.text("board"), pio.text("framework"), version,
                             pio.text("compiler"))
 
-    emu = f.sub("emulator", required=False)
-    emulator = Emulator(emu.choice("kind", EMULATOR_KINDS), emu.text("machine")) if emu else None
+    emulator = _emulator(f.sub("emulator", required=False))
 
     ovh = f.sub("overhead")
     overhead = Overhead(

@@ -8,6 +8,13 @@ file's ``code`` record, plus a margin when the board's stock compiler is not the
 overhead (framework, HIL protocol, stack reserve). Flash and RAM totals are upper bounds of what the linker
 gives the HIL firmware (tests/test_planner_bound.py and hil/planner_vs_linker.py check it on random shapes).
 A plan takes microseconds, so sweeps can call it freely.
+
+Given the sensor's sample rate, the plan also checks time: the deployed firmware runs one LSTM step per sample
+(the Arduino sketch steps on each sample and starts a new window after each output), so every step must finish
+within the sample period. The longest step is the last of a window, which also runs the dense head. Its time
+is the latency cost model's prediction (``tinylstm.costmodel``, fitted per board and kernel) in the board's
+counts, turned into seconds with the board's clock and, for QEMU's instruction counts, the board file's cycles
+per instruction. A board or kernel without calibration leaves the deadline unchecked, with a warning.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+from tinylstm import costmodel
 from tinylstm.boards import Board
 from tinylstm.export import Buffer, ModelShape, default_variant, kernel_layout, memory_layout
 
@@ -25,6 +33,7 @@ MAX_HIDDEN = 4096  # search limit and CLI limit
 MAX_WINDOW = 100_000
 
 FITS, TIGHT, DOES_NOT_FIT = "fits", "tight", "does not fit"
+UNCHECKED = "not checked"
 REGIONS = ("flash", "ram")
 
 # avr-gcc limits: ptrdiff_t is 16 bits, so no object may exceed 32767 bytes, and the kernel reads constants
@@ -99,6 +108,97 @@ class Resource:
                 "headroom": self.headroom, "status": self.status}
 
 
+def duration(seconds: float) -> str:
+    """A time for people: s, ms or µs with three significant figures."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-6:.3g} µs"
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """The real-time check: the longest step (the last of a window, with the dense head) against the sample
+    period. ``status`` is FITS, TIGHT (headroom under the plan's margin), DOES_NOT_FIT or UNCHECKED."""
+
+    sample_rate_hz: float
+    status: str
+    step_counts: float | None  # counts of the step judged, in ``unit`` (predicted longest, or measured mean)
+    unit: str | None
+    step_seconds: float | None
+    note: str  # how counts became time, or why the deadline is not checked
+
+    @property
+    def period(self) -> float:
+        return 1.0 / self.sample_rate_hz
+
+    @property
+    def share(self) -> float | None:
+        """The share of the sample period the longest step takes (above 1: too slow)."""
+        return None if self.step_seconds is None else self.step_seconds / self.period
+
+    @property
+    def max_rate_hz(self) -> float | None:
+        """The highest sample rate the step keeps up with."""
+        return None if self.step_seconds is None else 1.0 / self.step_seconds
+
+    def margin(self) -> str:
+        """How the step compares with the period: "uses 24% of the period" or "3.9x too slow (...)"."""
+        if self.step_seconds is None:
+            return "not checked"
+        if self.status == DOES_NOT_FIT:
+            return f"{self.share:.1f}x too slow (keeps up to {self.max_rate_hz:,.0f} Hz)"
+        return f"uses {self.share:.0%} of the period"
+
+    def text(self) -> str:
+        """The step against the period, and the margin."""
+        rate = f"{self.sample_rate_hz:g} Hz"
+        if self.step_seconds is None:
+            return f"cannot check the deadline at {rate}: {self.note}"
+        return f"step {duration(self.step_seconds)} vs period {duration(self.period)} at {rate}: {self.margin()}"
+
+    def line(self) -> str:
+        """``text`` prefixed "time:", like the memory faults' "flash:" and "ram:"."""
+        return f"time: {self.text()}"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Deadline:
+        """The deadline ``to_dict`` wrote (in plan.json and bench.json)."""
+        return cls(d["sample_rate_hz"], d["status"], d["step_counts"], d["unit"], d["step_s"], d["note"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sample_rate_hz": self.sample_rate_hz, "period_s": self.period, "status": self.status,
+                "step_counts": self.step_counts, "unit": self.unit, "step_s": self.step_seconds,
+                "share": self.share, "max_rate_hz": self.max_rate_hz, "note": self.note}
+
+
+def deadline(board: Board, shape: ModelShape, variant: str, sample_rate_hz: float, margin: float,
+             cost: costmodel.CostModel | None) -> Deadline:
+    """The deadline check of ``shape`` on ``board`` with kernel ``variant`` at ``sample_rate_hz``."""
+    if cost is None or (board.name, variant) not in cost.fits:
+        calibrated = ", ".join(f"{b} {v}" for b, v in cost.fits) if cost else "no calibration file"
+        note = (f"no latency measurements of the {variant} kernel on {board.name} (calibrated: {calibrated}); "
+                "measure it with python -m tinylstm.costmodel calibrate, or time the device")
+        return Deadline(sample_rate_hz, UNCHECKED, None, None, None, note)
+    est = cost.estimate(board, shape, variant)
+    return timed(board, est.per_step + est.head, est.fit.unit, sample_rate_hz, margin,
+                 f"predicted by the cost model ({variant} kernel)")
+
+
+def timed(board: Board, counts: float, unit: str, sample_rate_hz: float, margin: float, what: str) -> Deadline:
+    """The deadline check of a step of ``counts`` in ``unit`` (cycles, instructions or us) on ``board``;
+    ``what`` says where the counts come from (a prediction, a measurement)."""
+    seconds = board.seconds(counts, unit)
+    note = f"{counts:,.0f} {unit} {what}"
+    if unit != "us":
+        note += f" at {board.clock_hz / 1e6:g} MHz"
+    if unit == "instructions":
+        note += f", {board.emulator.timing()}"
+    period = 1.0 / sample_rate_hz
+    status = DOES_NOT_FIT if seconds > period else TIGHT if period - seconds < margin * period else FITS
+    return Deadline(sample_rate_hz, status, counts, unit, seconds, note)
+
+
 @dataclass(frozen=True)
 class Plan:
     board: Board
@@ -111,15 +211,23 @@ class Plan:
     reasons: tuple[str, ...]  # why it does not fit, one line per fault
     verdict: str  # FITS, TIGHT or DOES_NOT_FIT
     variant: str  # the kernel variant planned (export.VARIANTS)
+    deadline: Deadline | None = None  # the real-time check, when a sample rate was given
 
     @property
     def fits(self) -> bool:
-        """True when the model fits, tight or not."""
+        """True when the model fits and keeps up, tight or not."""
         return self.verdict != DOES_NOT_FIT
 
     @property
     def overflowing(self) -> tuple[str, ...]:
-        return tuple(r.region for r in (self.flash, self.ram) if r.status == DOES_NOT_FIT)
+        """What does not fit: "flash", "ram", and "time" when a step overruns the sample period."""
+        regions = tuple(r.region for r in (self.flash, self.ram) if r.status == DOES_NOT_FIT)
+        return regions + (("time",) if self.deadline and self.deadline.status == DOES_NOT_FIT else ())
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Checks that were asked for but could not be made (a deadline without latency measurements)."""
+        return (self.deadline.line(),) if self.deadline and self.deadline.status == UNCHECKED else ()
 
     @property
     def estimates(self) -> tuple[str, ...]:
@@ -129,6 +237,8 @@ class Plan:
             notes.append("board overhead")
         if self.board.code.estimate:
             notes.append("code")
+        if self.deadline and self.deadline.unit == "instructions" and self.board.emulator.cpi_estimate:
+            notes.append("cycles per instruction")
         return tuple(notes)
 
     def summary(self) -> str:
@@ -163,6 +273,7 @@ class Plan:
             "overhead": {"ram": dict(self.board.overhead.ram), "flash": dict(self.board.overhead.flash),
                          "estimate": self.board.overhead.estimate},
             "estimates": list(self.estimates),
+            "deadline": self.deadline.to_dict() if self.deadline else None,
         }
 
     def describe(self) -> str:
@@ -188,14 +299,31 @@ class Plan:
             lines.append(f"  {'capacity':<32}{resource.capacity:>10,}")
             share = resource.headroom / resource.capacity
             lines.append(f"  {'headroom':<32}{resource.headroom:>10,}  ({share:.1%})  {resource.status}")
+        if self.deadline:
+            lines += ["", *self._describe_deadline(self.deadline)]
         lines.append("")
         lines.append(f"verdict: {self.verdict}" + (f" ({', '.join(self.overflowing)})" if self.overflowing else ""))
         lines.extend(f"  {reason}" for reason in self.reasons)
         if self.verdict == TIGHT:
             lines.append(f"  headroom is under the {self.margin:.0%} margin")
+        lines.extend(f"warning: {warning}" for warning in self.warnings)
         if self.estimates:
             lines.append(f"estimates: {', '.join(self.estimates)} (see the board file)")
         return "\n".join(lines)
+
+    def _describe_deadline(self, d: Deadline) -> list[str]:
+        """The TIME section of ``describe``: the longest step against the sample period."""
+        lines = ["TIME (one step per sample)"]
+        if d.step_seconds is None:
+            return [*lines, f"  not checked: {d.note}"]
+        headroom = d.period - d.step_seconds
+        lines += [f"  {'longest step (predicted)':<32}{duration(d.step_seconds):>10}  ({d.note})",
+                  f"  {'sample period':<32}{duration(d.period):>10}  ({d.sample_rate_hz:g} Hz)",
+                  f"  {'headroom':<32}{('-' if headroom < 0 else '') + duration(abs(headroom)):>10}"
+                  f"  ({1 - d.share:.1%})  {d.status}"]
+        if self.board.emulator and d.unit == "instructions":
+            lines.append(f"  cycles per instruction: {self.board.emulator.cpi_source}")
+        return lines
 
 
 def _category(name: str) -> str:
@@ -259,16 +387,21 @@ def check_shape(shape: ModelShape) -> None:
 
 
 def plan(board: Board, shape: ModelShape, *, buffer_window: bool = False, margin: float = DEFAULT_MARGIN,
-         variant: str | None = None) -> Plan:
+         variant: str | None = None, sample_rate_hz: float | None = None,
+         cost: costmodel.CostModel | None = None) -> Plan:
     """The plan for ``shape`` on ``board`` with the kernel ``variant`` (export.VARIANTS; None: the board's fastest,
     the one its firmware builds, ``export.default_variant``).
 
     ``buffer_window``: the firmware keeps the whole input window (window x input bytes) in RAM instead of
-    streaming it one sample at a time. ``margin``: headroom below this share of a resource makes it "tight".
+    streaming it one sample at a time. ``margin``: headroom below this share of a resource (or of the sample
+    period) makes it "tight". ``sample_rate_hz``: the sensor's rate; every step must finish within its period
+    (module docstring), predicted by ``cost`` (None: the default calibration, ``costmodel.default_model``).
     """
     check_shape(shape)
     if not 0 <= margin < 1:
         raise PlanError(f"margin {margin} must be in [0, 1)")
+    if sample_rate_hz is not None and not (math.isfinite(sample_rate_hz) and sample_rate_hz > 0):
+        raise PlanError(f"sample rate {sample_rate_hz} Hz must be a positive number of samples per second")
     variant = variant or default_variant(board.arch, board.dsp)
     code = board.code.for_variant(variant)
     if code is None:
@@ -337,9 +470,16 @@ def plan(board: Board, shape: ModelShape, *, buffer_window: bool = False, margin
 
     reasons += limit_faults
     statuses = {r.status for r in resources.values()}
+    timing = None
+    if sample_rate_hz is not None:
+        timing = deadline(board, shape, variant, sample_rate_hz, margin,
+                          cost if cost is not None else costmodel.default_model())
+        statuses.add(timing.status)
+        if timing.status == DOES_NOT_FIT:
+            reasons.append(timing.line())
     verdict = DOES_NOT_FIT if DOES_NOT_FIT in statuses else TIGHT if TIGHT in statuses else FITS
     return Plan(board, shape, buffer_window, margin, tuple(items), resources["flash"], resources["ram"],
-                tuple(reasons), verdict, variant)
+                tuple(reasons), verdict, variant, timing)
 
 
 def _largest(fits: Any, low: int, high: int) -> int:
@@ -356,17 +496,19 @@ def _largest(fits: Any, low: int, high: int) -> int:
 
 
 def max_hidden(board: Board, shape: ModelShape, *, buffer_window: bool = False, limit: int = MAX_HIDDEN,
-               variant: str | None = None) -> int:
+               variant: str | None = None, sample_rate_hz: float | None = None,
+               cost: costmodel.CostModel | None = None) -> int:
     """The largest hidden size (the same in every layer of ``shape``) that fits ``board`` with the kernel
-    ``variant`` (None: the board's fastest); 0 if none does.
+    ``variant`` (None: the board's fastest), and keeps up with ``sample_rate_hz`` when given; 0 if none does.
 
-    Every buffer grows with the hidden size, so the verdict is monotone and a binary search finds the answer.
+    Every buffer and the step time (non-negative cost coefficients) grow with the hidden size, so the verdict is
+    monotone and a binary search finds the answer.
     """
     layers = len(shape.hidden_sizes)
 
     def fits(hidden: int) -> bool:
         return plan(board, replace(shape, hidden_sizes=(hidden,) * layers), buffer_window=buffer_window,
-                    variant=variant).fits
+                    variant=variant, sample_rate_hz=sample_rate_hz, cost=cost).fits
 
     return _largest(fits, 1, limit)
 

@@ -99,6 +99,10 @@ def _epoch_bar(length: int, label: str, show: bool) -> contextlib.AbstractContex
     )
 
 
+_SAMPLE_RATE_OPTION = click.option(
+    "--sample-rate", type=click.FloatRange(0, min_open=True),
+    help="The sensor's samples per second: the planner checks that one step per sample keeps up (a board's "
+         "latency measurements permitting).")
 _FILLNA_OPTION = click.option(
     "--fillna", type=click.Choice(["none", "ffill", "linear", "zero"]), default="none", show_default=True,
     help="What to do with NaN/inf values (none: refuse the data).")
@@ -124,9 +128,10 @@ _FILLNA_OPTION = click.option(
 @click.option("--test-fraction", type=float, default=0.15, show_default=True)
 @click.option("--normal-rows", type=int, help="Anomaly: length of the known-normal prefix (train + calibration).")
 @click.option("--layout", type=click.Choice(["auto", "NTF", "NFT"]), help="NPZ window layout.")
-@click.option("--board", help="Check the model against this board's memory before training.")
+@click.option("--board", help="Check the model against this board's memory (and --sample-rate) before training.")
 @click.option("--per-channel", is_flag=True, help="Plan for per-channel weight scales.")
-@click.option("--force", is_flag=True, help="Train even if the model does not fit the board.")
+@_SAMPLE_RATE_OPTION
+@click.option("--force", is_flag=True, help="Train even if the model does not fit the board or keep up.")
 @click.option("--epochs", type=click.IntRange(1), default=200, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
@@ -150,7 +155,8 @@ _FILLNA_OPTION = click.option(
 def train(data: Path | None, dataset: str | None, task: str | None, features: str | None, target: str | None,
           label: str | None, hidden: str, layers: int | None, window: int | None, stride: int, horizon: int,
           norm: str, fillna: str, val_fraction: float, test_fraction: float, normal_rows: int | None,
-          layout: str | None, board: str | None, per_channel: bool, force: bool, epochs: int, lr: float,
+          layout: str | None, board: str | None, per_channel: bool, sample_rate: float | None, force: bool,
+          epochs: int, lr: float,
           batch_size: int, patience: int, schedule: str, optimizer: str, weight_decay: float, clip_norm: float,
           threshold_margin: float, seed: int, threads: int, out: Path, quiet: bool, as_json: bool) -> None:
     """Train a float LSTM on a CSV/NPZ file or a bundled dataset, checking the board's budget first."""
@@ -166,6 +172,8 @@ def train(data: Path | None, dataset: str | None, task: str | None, features: st
         if len(sizes) != 1:
             raise click.BadParameter("give one --hidden size with --layers", param_hint="--layers")
         sizes = sizes * layers
+    if sample_rate is not None and not board:
+        raise click.UsageError("--sample-rate is checked against a board: give --board too")
     fields = dict(features=features.split(",") if features else None, target=target, label=label, window=window,
                   stride=stride, horizon=horizon, norm=norm, fillna=fillna, val_fraction=val_fraction,
                   test_fraction=test_fraction, normal_rows=normal_rows, layout=layout, seed=seed)
@@ -184,12 +192,14 @@ def train(data: Path | None, dataset: str | None, task: str | None, features: st
         plan = None
         if board:
             try:
-                plan = tr.check_budget(board, config, per_channel)
+                plan = tr.check_budget(board, config, per_channel, sample_rate)
             except tr.TrainError:
                 if not force:
                     raise
-                plan = tr.plan_for(board, config, per_channel)
+                plan = tr.plan_for(board, config, per_channel, sample_rate)
                 click.echo(f"warning: {config.hidden_sizes} does not fit {board}; training anyway (--force)", err=True)
+            for warning in plan.warnings:
+                click.echo(f"warning: {warning}", err=True)
         train_config = tr.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                       optimizer=optimizer, clip_norm=clip_norm, patience=patience,
                                       schedule=schedule, seed=seed, threads=threads)
@@ -337,11 +347,24 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
+def _counts(emulator: Any) -> str:
+    """What an emulator's latency counts are, and for QEMU the cycles per instruction that turn them into time."""
+    if emulator.cycles_per_instruction is None:
+        return emulator.unit
+    estimate = " (estimate)" if emulator.cpi_estimate else ""
+    return f"{emulator.unit}, {emulator.cycles_per_instruction:g} cycles each{estimate}"
+
+
 @main.command()
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (the board file) instead of a table.")
 def boards(name: str | None, as_json: bool) -> None:
-    """List the board catalogue, or show board NAME in full with the source of every figure."""
+    """List the board catalogue, or show board NAME in full with the source of every figure.
+
+    Emulated boards count latency in cycles (simavr) or instructions (QEMU); a QEMU board's file states the
+    cycles per instruction that turn its counts into time for the planner's deadline check, and where that
+    figure comes from.
+    """
     import json
 
     from tinylstm.boards import BoardError, list_boards, load_board
@@ -357,9 +380,10 @@ def boards(name: str | None, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps([b.to_dict() for b in catalogue], indent=2))
             return
-        rows = [("name", "MCU / core", "clock", "RAM", "flash", "emulated")]
+        rows = [("name", "MCU / core", "clock", "RAM", "flash", "emulated", "emulator counts")]
         rows += [(b.name, f"{b.mcu} / {b.core}", f"{b.clock_hz / 1e6:g} MHz", _size(b.ram_bytes),
-                  _size(b.flash_bytes), f"{b.emulator.kind} {b.emulator.machine}" if b.emulator else "no")
+                  _size(b.flash_bytes), f"{b.emulator.kind} {b.emulator.machine}" if b.emulator else "no",
+                  _counts(b.emulator) if b.emulator else "")
                  for b in catalogue]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         for row in rows:
@@ -383,21 +407,32 @@ def boards(name: str | None, as_json: bool) -> None:
 @click.option("--buffer-window", is_flag=True,
               help="The firmware holds the whole window in RAM (default: samples are streamed one step at a time).")
 @click.option("--margin", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
-              help="Headroom below this share of flash or RAM makes the verdict 'tight'.")
-@click.option("--max-hidden", is_flag=True, help="Print the largest hidden size that fits instead.")
+              help="Headroom below this share of flash, RAM or the sample period makes the verdict 'tight'.")
+@click.option("--max-hidden", is_flag=True,
+              help="Print the largest hidden size that fits (and keeps up with --sample-rate) instead.")
 @click.option("--variant", type=click.Choice(["reference", "arm_dsp", "avr"]), default=None,
               help="Kernel variant to plan for (default: the board's fastest, the one its firmware builds).")
+@_SAMPLE_RATE_OPTION
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
+              help="Latency measurements for the deadline check, repeatable [default: docs/performance.json].")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plan(board_name: str, input_size: int, hidden: int | None, layers: int, window: int, outputs: int | None,
          per_channel: bool, buffer_window: bool, margin: float, max_hidden: bool, variant: str | None,
-         as_json: bool) -> None:
-    """Check a model shape against a board's flash and RAM before training it.
+         sample_rate: float | None, calibration: tuple[Path, ...], as_json: bool) -> None:
+    """Check a model shape against a board's memory and deadline before training it.
+
+    Flash and RAM are planned byte by byte; with --sample-rate, the step time is checked against the sample period.
+
+    The device runs one LSTM step per sample, so every step (the last of a window also runs the dense head) must
+    finish within 1 / --sample-rate seconds. The step time is the latency cost model's prediction for the board
+    and kernel at the board's clock (QEMU boards: at the board file's cycles per instruction). A board without
+    latency measurements gets a warning: its deadline is not checked.
 
     Exit status: 0 when it fits (or fits tightly), 1 when it does not, 2 for a usage error.
     """
     import json
 
-    from tinylstm import budget
+    from tinylstm import budget, costmodel
     from tinylstm.boards import BoardError, load_board
     from tinylstm.export import ModelShape
 
@@ -407,28 +442,38 @@ def plan(board_name: str, input_size: int, hidden: int | None, layers: int, wind
         board = load_board(board_name)
     except BoardError as e:
         raise click.BadParameter(str(e), param_hint="--board") from None
+    try:
+        cost = costmodel.CostModel.from_files(calibration) if calibration else None
+    except costmodel.CostModelError as e:
+        raise click.BadParameter(str(e), param_hint="--calibration") from None
     shape = ModelShape(input_size=input_size, hidden_sizes=(hidden or 1,) * layers, window=window,
                        outputs=outputs, per_channel=per_channel)
+    timing = {"sample_rate_hz": sample_rate, "cost": cost}
     if max_hidden:
-        best = budget.max_hidden(board, shape, buffer_window=buffer_window, variant=variant)
+        best = budget.max_hidden(board, shape, buffer_window=buffer_window, variant=variant, **timing)
         if best:
             shape = ModelShape(input_size, (best,) * layers, window, outputs, per_channel)
     try:
-        result = budget.plan(board, shape, buffer_window=buffer_window, margin=margin, variant=variant)
+        result = budget.plan(board, shape, buffer_window=buffer_window, margin=margin, variant=variant, **timing)
     except budget.PlanError as e:
         raise click.UsageError(str(e)) from None
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     if max_hidden:
         if as_json:
             click.echo(json.dumps({"max_hidden": best, "plan": result.to_dict()}, indent=2))
         elif best:
-            click.echo(f"largest hidden size that fits {board.name}: {best}\n")
+            checked = result.deadline and result.deadline.step_seconds is not None
+            keeps_up = f" and keeps up with {sample_rate:g} Hz" if checked else ""
+            click.echo(f"largest hidden size that fits {board.name}{keeps_up}: {best}\n")
             click.echo(result.describe())
         if not best:
             raise click.ClickException(f"no hidden size fits: {result.summary()}")
         return
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.describe())
     if not result.fits:
-        click.echo(f"error: {result.summary()}", err=True)
+        slow = " or a lower --sample-rate" if "time" in result.overflowing else ""
+        click.echo(f"error: {result.summary()}; --max-hidden gives the largest hidden size that fits{slow}", err=True)
         raise SystemExit(1)
 
 
@@ -786,6 +831,7 @@ def _list(text: str | None, kind: type, option: str) -> list[Any] | None:
 @click.option("--label", help="Classification: the CSV label column.")
 @_FILLNA_OPTION
 @click.option("--board", required=True, help="The board every candidate must fit (see `tinylstm boards`).")
+@_SAMPLE_RATE_OPTION
 @click.option("--hidden", help="Hidden sizes to try, comma-separated [default: 4,6,8,...,128].")
 @click.option("--layers", default="1,2,3", show_default=True, help="Layer counts to try.")
 @click.option("--window", help="Window lengths to try (series data), comma-separated; the first is the default.")
@@ -812,7 +858,8 @@ def _list(text: str | None, kind: type, option: str) -> list[Any] | None:
 @click.option("--resume", is_flag=True, help="Continue the search in --out, running only unfinished trials.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the report.")
 def search(data: Path | None, dataset: str | None, task: str | None, features: str | None, target: str | None,
-           label: str | None, fillna: str, board: str, hidden: str | None, layers: str, window: str | None,
+           label: str | None, fillna: str, board: str, sample_rate: float | None, hidden: str | None, layers: str,
+           window: str | None,
            stride: str | None, lr: str | None, epochs: int | None, budget_trials: int | None, objective: str,
            calibration: tuple[Path, ...], variant: str | None, address: str | None, cpus: int, retries: int,
            no_early_stop: bool, verify: bool, seed: int, out_dir: Path, resume: bool, as_json: bool) -> None:
@@ -837,7 +884,8 @@ def search(data: Path | None, dataset: str | None, task: str | None, features: s
     project = sr.project_sections(
         dataset, str(data.resolve()) if data else None,
         data={"features": features.split(",") if features else None, "window": windows[0] if windows else None,
-              "stride": strides[0] if strides else None, "seed": seed, "fillna": fillna},
+              "stride": strides[0] if strides else None, "seed": seed, "fillna": fillna,
+              "sample_rate_hz": sample_rate},
         task={"kind": task, "label": label, "target": target}, train={"epochs": epochs, "seed": seed})
     settings = sr.SearchSettings(board=board, project=project, space=space, objective=objective,
                                  budget_trials=budget_trials, seed=seed, early_stop=not no_early_stop, retries=retries,

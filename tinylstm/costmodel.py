@@ -15,6 +15,7 @@ The head runs once per window and is costed as ``outputs * H`` MACs at ``a``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Iterable, Sequence
@@ -28,6 +29,8 @@ from tinylstm.boards import Board
 from tinylstm.export import ModelShape, default_variant
 
 FEATURES = ("macs", "units", "layers")
+# The kernel benchmark suite's results (docs/performance.md): the calibration the planner and the search use.
+DEFAULT_CALIBRATION = Path(__file__).resolve().parents[1] / "docs" / "performance.json"
 REQUIRED_KEYS = ("board", "variant", "input", "hidden", "per_step")
 
 
@@ -171,6 +174,7 @@ def fit_group(measurements: Sequence[Measurement]) -> Fit:
 class Estimate:
     per_step: float
     per_window: float
+    head: float  # the dense head, once per window after the last step
     variant: str
     fit: Fit
 
@@ -212,11 +216,17 @@ class CostModel:
             raise CostModelError(f"no latency measurements for board {board.name} with the {variant} kernel")
         step = fit.per_step(shape)
         head = fit.coefficients[0] * (shape.outputs or 0) * shape.hidden_sizes[-1]
-        return Estimate(step, step * shape.window + head, variant, fit)
+        return Estimate(step, step * shape.window + head, head, variant, fit)
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "model": "per_step = a*MACs + b*units + c*layers",
                 "fits": [f.to_dict() for f in self.fits.values()]}
+
+
+@functools.lru_cache(maxsize=1)
+def default_model() -> CostModel | None:
+    """The cost model over DEFAULT_CALIBRATION, fitted once; None when the file is absent."""
+    return CostModel.from_files([DEFAULT_CALIBRATION]) if DEFAULT_CALIBRATION.is_file() else None
 
 
 # Shapes (input, hidden, layers) that ``calibrate`` measures beside the benchmark suite's: the small and stacked

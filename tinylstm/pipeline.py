@@ -45,7 +45,8 @@ _UNSET = object()
 SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "data": {"path": (str, None), "dataset": (str, None), "features": (list, None), "window": (int, None),
              "stride": (int, 1), "norm": (str, "zscore"), "fillna": (str, "none"), "val_fraction": (float, 0.15),
-             "test_fraction": (float, 0.15), "layout": (str, "auto"), "seed": (int, 0)},
+             "test_fraction": (float, 0.15), "layout": (str, "auto"), "seed": (int, 0),
+             "sample_rate_hz": (float, None)},
     "task": {"kind": (str, None), "label": (str, None), "target": (str, None), "horizon": (int, 1),
              "normal_rows": (int, None), "threshold_margin": (float, 1.5)},
     "model": {"name": (str, None), "hidden": (list, [32])},
@@ -99,7 +100,7 @@ _SHARE = ((lambda v: 0 < v < 1), "between 0 and 1 (exclusive)")
 RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "data": {"window": _at_least(1), "stride": _at_least(1), "norm": _one_of(*NORMS), "fillna": _one_of(*FILLNA),
              "val_fraction": _SHARE,
-             "test_fraction": _SHARE, "layout": _one_of("auto", "NTF", "NFT")},
+             "test_fraction": _SHARE, "layout": _one_of("auto", "NTF", "NFT"), "sample_rate_hz": _POSITIVE},
     "task": {"kind": _one_of(*TASKS), "horizon": _at_least(1),
              "normal_rows": _at_least(1), "threshold_margin": _POSITIVE},
     "train": {"epochs": _at_least(1), "lr": _POSITIVE, "batch_size": _at_least(1), "patience": _at_least(1),
@@ -260,6 +261,7 @@ norm = "zscore"                 # zscore | minmax | none (fitted on the training
 fillna = "none"                 # none (refuse NaN/inf) | ffill | linear | zero
 val_fraction = 0.15             # series are split walk-forward: train, then validation, then test
 test_fraction = 0.15
+# sample_rate_hz = 100          # the sensor's rate: the planner checks one model step per sample keeps up
 
 [task]
 kind = "classification"         # classification | forecasting | anomaly
@@ -489,15 +491,20 @@ def stage_plan(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
     ds = ctx.dataset()
     hidden = ctx.config["model"]["hidden"]
     config = tr.model_config_for(ds, hidden)
-    plan = tr.plan_for(ctx.config["board"]["name"], config, ctx.config["quantization"]["per_channel"])
+    rate = ctx.config["data"]["sample_rate_hz"]
+    plan = tr.plan_for(ctx.config["board"]["name"], config, ctx.config["quantization"]["per_channel"], rate)
     if not plan.fits:
-        largest = budget.max_hidden(plan.board, plan.shape)
-        advice = (f"set [model] hidden = {[largest] * len(hidden)}" if largest
-                  else "use fewer layers, a shorter window or a bigger board")
+        largest = budget.max_hidden(plan.board, plan.shape, variant=plan.variant, sample_rate_hz=rate)
+        slow = " or a lower [data] sample_rate_hz" if "time" in plan.overflowing else ""
+        advice = (f"set [model] hidden = {[largest] * len(hidden)}{slow}" if largest
+                  else f"use fewer layers, a shorter window, a bigger or faster board{slow}")
         raise PipelineError(f"{plan.summary()}; {advice}")
     write_json(out / "plan.json", plan.to_dict())
-    return plan.to_dict(), (f"{plan.verdict} {plan.board.name}: RAM {plan.ram.total:,}/{plan.ram.capacity:,} B, "
-                            f"flash {plan.flash.total:,}/{plan.flash.capacity:,} B (planner)")
+    line = (f"{plan.verdict} {plan.board.name}: RAM {plan.ram.total:,}/{plan.ram.capacity:,} B, "
+            f"flash {plan.flash.total:,}/{plan.flash.capacity:,} B (planner)")
+    if plan.deadline:
+        line += f"; {plan.deadline.line()}"
+    return plan.to_dict(), line
 
 
 def stage_train(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
@@ -585,7 +592,7 @@ def stage_firmware(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
 
 def stage_bench(ctx: Context, out: Path) -> tuple[dict[str, Any], str] | None:
     from tinylstm import bench as hil_bench
-    from tinylstm import firmware, hil
+    from tinylstm import budget, firmware, hil
 
     settings, board = ctx.config["bench"], ctx.board()
     build = read_json(ctx.out_dir / "firmware" / "build.json")
@@ -620,16 +627,25 @@ def stage_bench(ctx: Context, out: Path) -> tuple[dict[str, Any], str] | None:
         "free_ram": info.free_ram, "compiler": build.get("compiler"),
         "test_windows": test_windows, "sample": accuracy["sample"],
         "device": accuracy["device"], "device_interval": accuracy["device_interval"],
-        "host_int8": accuracy["host_int8"],
+        "host_int8": accuracy["host_int8"], "deadline": None,
     }
+    rate = ctx.config["data"]["sample_rate_hz"]
+    measured = None
+    if rate is not None:
+        # The measured mean step of the median window (its reset and dense head included) against the period.
+        measured = budget.timed(board, summary["stats"]["per_step_median"], info.unit, rate, budget.DEFAULT_MARGIN,
+                                "measured (median window / steps)")
+        summary["deadline"] = measured.to_dict()
     write_json(out / "bench.json", summary)
     exact = bit_exact(entry["windows"], entry["mismatches"])
     if entry["mismatches"]:
         exact += f": {entry['mismatches']} MISMATCHES"
     device = device_figure(ctx.dataset().task, summary["device"], entry["windows"], summary["device_interval"])
     sample = sample_text(summary["sample"], entry["windows"], test_windows)
-    return summary, (f"{exact} ({sample}); median {per_window['median']:,.0f} {info.unit} per "
-                     f"window; {device}")
+    line = f"{exact} ({sample}); median {per_window['median']:,.0f} {info.unit} per window; {device}"
+    if measured:
+        line += f"; measured {measured.text()}"
+    return summary, line
 
 
 def stage_report(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
@@ -649,14 +665,19 @@ class Stage:
     fingerprint: Callable[[Config], Any] | None = None  # more key material (the data file's content hash)
 
 
+def _sample_rate(config: Config) -> float | None:
+    """[data] sample_rate_hz, which the plan and the bench judge the step time against (no retraining)."""
+    return config["data"]["sample_rate_hz"]
+
+
 # The plan runs before training (budget first) but is not in the training key: a new board retrains nothing.
 STAGES = (
     Stage("data", ("data", "task"), (), stage_data, fingerprint=lambda config: _source_hash(config)),
-    Stage("plan", ("model", "board", "quantization"), ("data",), stage_plan),
+    Stage("plan", ("model", "board", "quantization"), ("data",), stage_plan, fingerprint=_sample_rate),
     Stage("train", ("model", "train", "task"), ("data",), stage_train),
     Stage("quantize", ("quantization", "model"), ("train",), stage_quantize),
     Stage("firmware", ("board",), ("quantize",), stage_firmware),
-    Stage("bench", ("bench", "board"), ("firmware", "quantize"), stage_bench),
+    Stage("bench", ("bench", "board"), ("firmware", "quantize"), stage_bench, fingerprint=_sample_rate),
     Stage("report", (), ("data", "plan", "train", "quantize", "firmware", "bench"), stage_report, (REPORT,)),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -836,7 +857,9 @@ def _skip_reason(config: Config) -> str:
 
 def summary_text(result: RunResult) -> str:
     """The closing summary: quality (FP32 and INT8 host on the whole test split), the device (windows bit-exact,
-    its own figure with the sample size), latency, memory against the board, artefacts."""
+    its own figure with the sample size), latency, real time, memory against the board, artefacts."""
+    from tinylstm.budget import Deadline
+
     s = result.summaries
     lines = ["", "Summary"]
     evaluation, bench, build = s.get("quantize"), s.get("bench") or None, s.get("firmware")
@@ -859,6 +882,10 @@ def summary_text(result: RunResult) -> str:
             line += f"; {stats['median'] / bench['cpu_hz'] * 1e3:,.1f} ms at {bench['cpu_hz'] / 1e6:g} MHz"
         line += build_label(build)
         lines.append(line + ")")
+    if bench and bench.get("deadline"):
+        lines.append(f"  {'real time':<10} measured {Deadline.from_dict(bench['deadline']).text()}")
+    elif s.get("plan", {}).get("deadline"):
+        lines.append(f"  {'real time':<10} predicted {Deadline.from_dict(s['plan']['deadline']).text()}")
     if build and build.get("linker"):
         linker, plan = build["linker"], s["plan"]
         lines.append(f"  {'memory':<10} RAM {linker['ram']:,} / {plan['ram']['capacity']:,} B (.data+.bss; "

@@ -412,6 +412,9 @@ def summary_cards(task: str, evaluation: dict[str, Any] | None, bench: dict[str,
                                  ("flash", f"{flash:,} / {plan['flash']['capacity']:,} B")],
                       "detail": f"{source}; planner verdict: {plan['verdict']}",
                       "ok": plan["verdict"] != "does not fit"})
+    timing = real_time_card(plan, bench)
+    if timing:
+        cards.append(timing)
     if bench:
         exact = bench["mismatches"] == 0
         detail = (f"{device_figure(task, bench['device'], bench['windows'], bench['device_interval'])}; "
@@ -420,6 +423,28 @@ def summary_cards(task: str, evaluation: dict[str, Any] | None, bench: dict[str,
         cards.append({"title": f"on {bench['board']}", "values": [("windows bit-exact", exact_windows)],
                       "detail": detail if exact else f"{bench['mismatches']} windows differ; {detail}", "ok": exact})
     return cards
+
+
+def real_time_card(plan: dict[str, Any] | None, bench: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The step time against the sample period: measured on the device when benchmarked, and as planned."""
+    from tinylstm.budget import DOES_NOT_FIT, Deadline, duration
+
+    planned = Deadline.from_dict(plan["deadline"]) if plan and plan.get("deadline") else None
+    measured = Deadline.from_dict(bench["deadline"]) if bench and bench.get("deadline") else None
+    shown = measured or planned
+    if shown is None:
+        return None
+    values = [("period", duration(shown.period))]
+    if measured:
+        values.append(("measured step", duration(measured.step_seconds)))
+    if planned and planned.step_seconds is not None:
+        values.append(("predicted step", duration(planned.step_seconds)))
+    if shown.step_seconds is None:
+        return {"title": f"real time at {shown.sample_rate_hz:g} Hz", "values": values,
+                "detail": f"not checked: {shown.note}", "ok": None}
+    return {"title": f"real time at {shown.sample_rate_hz:g} Hz", "values": values,
+            "detail": f"{'device' if measured else 'planner'}: {shown.margin()}; {shown.note}",
+            "ok": shown.status != DOES_NOT_FIT}
 
 
 def build_context(out_dir: str | Path) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Budget-aware model search: the best LSTM among those that fit the board, on a local Ray instance or a cluster.
 
 1. Enumerate candidates over hidden size, layers, window, stride and learning rate; sample ``budget_trials``.
-2. Plan each with the memory-budget planner. Candidates that do not fit the board are pruned and never trained.
+2. Plan each with the memory-budget planner (and, given ``[data] sample_rate_hz``, its deadline check). Candidates
+   that do not fit the board, or cannot keep up with the sample rate, are pruned and never trained.
 3. Train and quantize every remaining candidate as a Ray Tune trial (the same recipe ``tinylstm run`` uses), and
    evaluate it in INT8 through the integer reference. ASHA stops trials whose validation loss lags.
 4. Estimate each model's latency on the board with the cost model calibrated by the kernel benchmark suite.
@@ -39,7 +40,7 @@ OBJECTIVES = ("accuracy", "latency", "balanced")
 DEFAULT_HIDDEN = (4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128)
 DEFAULT_LAYERS = (1, 2, 3)
 # The kernel benchmark suite's measurements (docs/performance.md), the default calibration of the cost model.
-DEFAULT_CALIBRATION = Path(__file__).resolve().parents[1] / "docs" / "performance.json"
+DEFAULT_CALIBRATION = costmodel.DEFAULT_CALIBRATION
 # Quality the latency and balanced objectives give up: 1 point of accuracy/F1 (1% of RMSE) for the fastest model,
 # and the same for each halving of the counts per inference (balanced).
 TOLERANCE = 0.01
@@ -549,11 +550,12 @@ def _candidate_entries(settings: SearchSettings, dataset: Any, board: boards.Boa
 
         lr = pipeline.SCHEMA["train"]["lr"][1]
     candidates = settings.space.candidates(dataset.window, dataset.spec.stride, lr, fixed)
+    rate = settings.project.get("data", {}).get("sample_rate_hz")
     fitting, pruned = [], []
     for c in candidates:
         shape = c.shape(dataset.features, dataset.outputs)
         try:
-            plan = budget.plan(board, shape, variant=settings.variant)
+            plan = budget.plan(board, shape, variant=settings.variant, sample_rate_hz=rate, cost=cost)
         except budget.PlanError as e:
             pruned.append({"id": c.id, "candidate": c.to_dict(), "reason": str(e)})
             continue

@@ -192,25 +192,36 @@ def model_config_for(dataset: Dataset, hidden_sizes: list[int]) -> ModelConfig:
                        outputs=dataset.outputs, window=dataset.window)
 
 
-def plan_for(board_name: str, config: ModelConfig, per_channel: bool = False) -> budget.Plan:
-    """The memory plan of the model this config describes, on a board of the catalogue."""
+def plan_for(board_name: str, config: ModelConfig, per_channel: bool = False,
+             sample_rate_hz: float | None = None) -> budget.Plan:
+    """The plan of the model this config describes, on a board of the catalogue: memory, and the step time
+    against the sample period when ``sample_rate_hz`` is given."""
     shape = ModelShape(input_size=config.input_size, hidden_sizes=tuple(config.hidden_sizes), window=config.window,
                        outputs=config.outputs, per_channel=per_channel)
-    return budget.plan(boards.load_board(board_name), shape)
+    return budget.plan(boards.load_board(board_name), shape, sample_rate_hz=sample_rate_hz)
 
 
-def check_budget(board_name: str, config: ModelConfig, per_channel: bool = False) -> budget.Plan:
-    """Plan the model on the board before any training; raise TrainError saying what to change if it does not fit."""
-    plan = plan_for(board_name, config, per_channel)
+def budget_advice(plan: budget.Plan) -> str:
+    """What to change when a plan does not fit: the largest hidden size that does, or what else to try."""
+    layers = len(plan.shape.hidden_sizes)
+    rate = plan.deadline.sample_rate_hz if plan.deadline else None
+    largest = budget.max_hidden(plan.board, plan.shape, variant=plan.variant, sample_rate_hz=rate)
+    if largest:
+        return f"the largest hidden size that fits with {layers} layer(s) is {largest}"
+    slow = " or a lower sample rate" if "time" in plan.overflowing else ""
+    return (f"no hidden size fits with {layers} layer(s), input {plan.shape.input_size} and window "
+            f"{plan.shape.window}; use fewer layers, a bigger or faster board{slow}")
+
+
+def check_budget(board_name: str, config: ModelConfig, per_channel: bool = False,
+                 sample_rate_hz: float | None = None) -> budget.Plan:
+    """Plan the model on the board before any training; raise TrainError saying what to change if it does not fit
+    (or, with ``sample_rate_hz``, cannot keep up)."""
+    plan = plan_for(board_name, config, per_channel, sample_rate_hz)
     if plan.fits:
         return plan
-    largest = budget.max_hidden(plan.board, plan.shape)
-    layers = len(config.hidden_sizes)
-    advice = (f"the largest hidden size that fits with {layers} layer(s) is {largest}" if largest
-              else f"no hidden size fits with {layers} layer(s), input {config.input_size} and window "
-                   f"{config.window}; use fewer layers or a bigger board")
     raise TrainError(f"hidden {list(config.hidden_sizes)} does not fit {board_name}: {'; '.join(plan.reasons)}; "
-                     f"{advice} (or pass --force to train anyway)")
+                     f"{budget_advice(plan)} (or pass --force to train anyway)")
 
 
 def train_model(dataset: Dataset, hidden_sizes: list[int], config: TrainConfig,
