@@ -654,3 +654,9 @@ def test_cli_export(vector_model: QuantizedModel, tmp_path: Path) -> None:
 
     result = runner.invoke(cli, ["export", "--format", "onnx", "--model", str(model_file), "--out", str(out)])
     assert result.exit_code != 0 and "onnx" in result.output
+
+    # --board: the kernel of the board's firmware (the Uno's: avr), the model source generated for it.
+    result = runner.invoke(cli, [*args[:-4], "--out", str(tmp_path / "uno"), "--prefix", "kws", "--board", "uno"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "uno" / "tinylstm_kernel_avr.h").is_file()
+    assert (tmp_path / "uno" / "kws.c").read_text() == render_c(vector_model, "kws", "avr")["kws.c"]

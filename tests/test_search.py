@@ -13,9 +13,11 @@ import pytest
 from click.testing import CliRunner
 from ray import tune
 
-from tinylstm import budget, costmodel, pipeline, search
+from tests.random_models import random_model
+from tinylstm import budget, costmodel, evaluate, pipeline, qmodel, search
 from tinylstm.boards import load_board
 from tinylstm.cli import main
+from tinylstm.data import DataSpec, load_dataset
 from tinylstm.export import ModelShape
 from tinylstm.quantize import QuantConfig, quantize_checkpoint
 from tinylstm.train import TrainConfig, train_model
@@ -64,7 +66,7 @@ def test_cost_model_rejects_a_record_without_per_step(tmp_path):
 
 
 def _record(rid, int8, per_window, ram):
-    return {"id": rid, "status": "completed", "result": {"metric": "accuracy", "int8": int8},
+    return {"id": rid, "status": "completed", "result": {"metric": "accuracy", "val_int8": int8},
             "latency": {"per_window": per_window}, "plan": {"ram": ram}}
 
 
@@ -87,6 +89,76 @@ def test_cli_refuses_a_search_without_data_or_over_an_existing_one(tmp_path):
     result = runner.invoke(main, ["search", "--dataset", "basic_motions", "--board", "uno_sim",
                                   "--out", str(tmp_path / "s")])
     assert result.exit_code != 0 and "already holds a search" in result.output
+
+
+def _bm_settings(hidden):
+    project = search.project_sections("basic_motions", train={"epochs": 1}, quantization={"qat_epochs": 0})
+    return search.SearchSettings(board="uno_sim", project=project, space=search.SearchSpace(hidden=hidden, layers=(1,)),
+                                 calibration=())
+
+
+def _strings(value, key):
+    """Every value under ``key`` anywhere in a JSON document."""
+    if isinstance(value, dict):
+        return [v for k, v in value.items() if k == key] + [x for v in value.values() for x in _strings(v, key)]
+    if isinstance(value, list):
+        return [x for v in value for x in _strings(v, key)]
+    return []
+
+
+def test_the_search_chooses_on_validation_and_evaluates_only_the_recommended_model_on_test(tmp_path, monkeypatch):
+    # Validation ranks hidden 12 first; the test split would rank it last.
+    val = {"h4_w100_s1_lr0.01": 0.75, "h8_w100_s1_lr0.01": 0.875, "h12_w100_s1_lr0.01": 1.0}
+    test = {"h4_w100_s1_lr0.01": 0.95, "h8_w100_s1_lr0.01": 0.9, "h12_w100_s1_lr0.01": 0.8}
+    tested = []
+
+    def fake_trials(settings, todo, entries, records, store, *rest):
+        for entry in todo:
+            v = val[entry["id"]]
+            record = {**entry, "status": "completed", "error": None, "retries": 0,
+                      "result": {"metric": "accuracy", "val_fp32": v, "val_int8": v, "epochs_run": 1, "seconds": 0.0}}
+            store.save_model(entry["id"], b"a model")
+            store.save(record)
+            records[entry["id"]] = record
+
+    def fake_test(path, dataset):
+        tested.append(path.name)
+        return {"split": "test", "metric": "accuracy", "int8": test[path.stem], "windows": len(dataset.test)}
+
+    monkeypatch.setattr(search, "_run_trials", fake_trials)
+    monkeypatch.setattr(search, "recommended_test_quality", fake_test)
+    result = search.search(_bm_settings([4, 8, 12]), tmp_path / "s", verify=False)
+
+    assert result.recommended["id"] == "h12_w100_s1_lr0.01"
+    assert tested == ["h12_w100_s1_lr0.01.npz"]
+    assert result.test == {"id": "h12_w100_s1_lr0.01", "split": "test", "metric": "accuracy", "int8": 0.8,
+                           "windows": 40}
+    summary = json.loads((tmp_path / "s" / search.RESULTS_FILE).read_text())
+    assert _strings(summary, "int8") == [0.8]  # the one test figure; the trials carry val_int8 only
+    assert sorted(_strings(summary, "val_int8")) == [0.75, 0.875, 1.0, 1.0]  # the records, and the recommended one
+    assert search.summary_text(result).count("test split: INT8 accuracy 80.0% over 40 windows") == 1
+
+
+def test_recommended_test_quality_evaluates_the_trial_model_on_the_test_split(tmp_path):
+    dataset = load_dataset(DataSpec.for_dataset("basic_motions"))
+    model = random_model(5, input_size=6, hidden_sizes=(4,), outputs=4, window=100, extreme=0.0)
+    # A head with no weights and the largest bias on class 2: every window is class 2.
+    model.head = replace(model.head, weights=np.zeros_like(model.head.weights),
+                         bias=np.array([0, 0, 1 << 20, 0], dtype=np.int32))
+    path = qmodel.save(model, tmp_path / "m.npz")
+    quality = search.recommended_test_quality(path, dataset)
+    assert quality == {"split": "test", "metric": "accuracy", "int8": float(np.mean(dataset.test.y == 2)),
+                       "windows": 40}
+    with pytest.raises(search.SearchError, match="recommended trial's model is missing"):
+        search.recommended_test_quality(tmp_path / "gone.npz", dataset)
+
+
+def test_a_search_ranked_on_the_test_split_is_not_resumed(tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / search.STATE_FILE).write_text(json.dumps({"format": "tinylstm-search", "version": 1}))
+    with pytest.raises(search.SearchError, match="ranked its trials on the test split; start a new search"):
+        search.search(_bm_settings([4]), out, resume=True, verify=False)
 
 
 # ------------------------------------------------------------------------------------------ on Ray
@@ -127,16 +199,21 @@ def test_tiny_search_prunes_what_does_not_fit_and_repeats_on_resume(ray_instance
     assert {p.stem for p in (out / search.TRIALS_DIR).glob("*.json")} == trained
     assert {r["status"] for r in result.records} == {"completed"}
 
-    # The trial's INT8 accuracy is what the same recipe gives when trained here, outside Ray.
-    record = next(r for r in result.records if r["id"] == "h8_w100_s1_lr0.003")
+    # The recommended trial's validation accuracy, and the search's test accuracy of it, are what the same recipe
+    # gives when trained here, outside Ray. No other trial has a test figure.
+    record = result.recommended
     config = pipeline.make_config(tomllib.loads((out / search.RECOMMENDED_CONFIG).read_text()), "test")
+    assert config["model"]["hidden"] == record["candidate"]["hidden"]
     dataset = pipeline.Context(config, out, pipeline.Reporter()).dataset()
     recipe = dict(config["train"], epochs=1, lr=0.003)
-    checkpoint, _ = train_model(dataset, [8], TrainConfig(**recipe))
+    checkpoint, _ = train_model(dataset, record["candidate"]["hidden"], TrainConfig(**recipe))
     quant = quantize_checkpoint(checkpoint, QuantConfig(calibration="percentile"), dataset=dataset)
     assert record["result"]["digest"] == quant.qmodel.digest()
-    assert record["result"]["int8"] == quant.comparison.int8["accuracy"]
-    assert config["model"]["hidden"] == result.recommended["candidate"]["hidden"]
+    assert record["result"]["val_int8"] == evaluate.compare(quant.float_model, quant.qmodel, dataset,
+                                                             dataset.val).int8["accuracy"]
+    assert result.test["id"] == record["id"] and result.test["int8"] == quant.comparison.int8["accuracy"]
+    assert all("int8" not in r["result"] for r in result.records)
+    record = next(r for r in result.records if r["id"] == "h8_w100_s1_lr0.003")
 
     # A stopped search resumes: only the trial without a record runs again, and it repeats exactly.
     (out / search.TRIALS_DIR / "h8_w100_s1_lr0.003.json").unlink()
@@ -174,7 +251,7 @@ def test_a_killed_worker_is_retried_and_a_bad_trial_fails_without_stopping_the_s
     for rid in ("h4_w100_s1_lr-1", "h8_w100_s1_lr-1"):
         assert by_id[rid]["status"] == "failed" and "[train] lr must be > 0" in by_id[rid]["error"]
     assert by_id["h4_w100_s1_lr0.003"]["status"] == "completed"
-    assert np.isfinite(result.recommended["result"]["int8"])
+    assert np.isfinite(result.recommended["result"]["val_int8"]) and np.isfinite(result.test["int8"])
 
 
 @pytest.mark.slow

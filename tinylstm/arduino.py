@@ -4,7 +4,8 @@ Add .ZIP Library).
 The zip holds one folder, ``<library>/``, with ``library.properties``, ``src/`` (the generated model source and
 header, and the static kernel) and ``examples/StreamSamples/StreamSamples.ino``, a sketch that reads sensor
 samples from the serial port, quantizes them with the model's own input specification, and streams them
-through ``<prefix>_step``.
+through ``<prefix>_step``. ``src/`` holds the kernel variant of the board's firmware (``firmware.board_variant``),
+generated exactly as ``tinylstm firmware`` generates it, so the sketch runs the code the benchmark measured.
 """
 
 from __future__ import annotations
@@ -82,21 +83,21 @@ def _sketch_context(model: QuantizedModel, prefix: str) -> dict[str, object]:
     return context
 
 
-def render_library(model: QuantizedModel, library: str | None = None,
+def render_library(model: QuantizedModel, variant: str, library: str | None = None,
                    prefix: str = "tinylstm_model") -> dict[str, str]:
-    """The library's files by their path inside the zip, ``<library>/...``."""
+    """The library's files by their path inside the zip, ``<library>/...``, with the ``variant`` kernel."""
     library = library or default_library_name(model)
     if not _LIBRARY_NAME_RE.fullmatch(library):
         raise ArduinoError(f"library name {library!r} must start with a letter or digit and hold only letters, "
                            "digits, '_', '.' and '-'")
     try:
-        sources = {**export.render_c(model, prefix), **export.kernel_sources()}
+        sources = {**export.render_c(model, prefix, variant), **export.kernel_sources(variant)}
     except export.ExportError as e:
         raise ArduinoError(str(e)) from None
     env = _environment()
     properties = env.get_template("library.properties.j2").render(
         library=library, version=__version__, model_name=model.name, task=model.meta.get("task", "model"),
-        shape=ModelShape.from_model(model), prefix=prefix, digest=model.digest())
+        shape=ModelShape.from_model(model), prefix=prefix, digest=model.digest(), variant=variant)
     sketch = env.get_template(f"{SKETCH}.ino.j2").render(_sketch_context(model, prefix))
     files = {f"{library}/library.properties": properties,
              f"{library}/examples/{SKETCH}/{SKETCH}.ino": sketch}
@@ -104,11 +105,12 @@ def render_library(model: QuantizedModel, library: str | None = None,
     return files
 
 
-def export_arduino(model: QuantizedModel, out: str | Path, *, library: str | None = None,
+def export_arduino(model: QuantizedModel, out: str | Path, *, variant: str, library: str | None = None,
                    prefix: str = "tinylstm_model", force: bool = False) -> Path:
-    """Write the library zip: ``out`` itself if it ends in .zip, else ``out/<library>.zip``. Atomic."""
+    """Write the library zip with the ``variant`` kernel: ``out`` itself if it ends in .zip, else
+    ``out/<library>.zip``. Atomic."""
     library = library or default_library_name(model)
-    files = render_library(model, library, prefix)
+    files = render_library(model, variant, library, prefix)
     out = Path(out)
     path = out if out.suffix.lower() == ".zip" else out / f"{library}.zip"
     if path.exists() and not force:

@@ -31,24 +31,40 @@ def main() -> None:
               help="Directory to write into; created if missing.")
 @click.option("--prefix", default="tinylstm_model", show_default=True,
               help="Name prefix of every generated symbol and file (several models can share one firmware).")
+@click.option("--board", help="c and arduino: the board the code is for (see `tinylstm boards`); its firmware's kernel "
+                                "variant is generated: avr on AVR, arm_dsp on Cortex-M with DSP, else reference. "
+                                "arduino needs --board or --variant.")
+@click.option("--variant", type=click.Choice(["reference", "arm_dsp", "avr"]),
+              help="c and arduino: the kernel variant, instead of the board's [c without --board: reference].")
 @click.option("--force", is_flag=True, help="Overwrite the generated files in a non-empty directory.")
 @click.option("--quantize", type=click.Choice(["int8"]),
               help="executorch only: an int8 program (PT2E, XNNPACKQuantizer) instead of FP32.")
-def export(fmt: str, model_path: Path, out_dir: Path, prefix: str, force: bool, quantize: str | None) -> None:
-    """Generate device code for a quantized model, or an ExecuTorch bundle for a float checkpoint."""
+def export(fmt: str, model_path: Path, out_dir: Path, prefix: str, board: str | None, variant: str | None,
+           force: bool, quantize: str | None) -> None:
+    """Generate device code for a quantized model, or an ExecuTorch bundle for a float checkpoint.
+
+    The Arduino library ships the kernel the board's firmware runs (and `tinylstm bench` measures), e.g.
+    `--board uno` the avr kernel.
+    """
     if fmt == "executorch":
+        if board or variant:
+            raise click.UsageError("--board and --variant apply to --format c and arduino")
         _export_executorch(model_path, out_dir, quantize, force)
         return
     if quantize:
         raise click.UsageError("--quantize applies to --format executorch (quantize for C with `tinylstm quantize`)")
+    if fmt == "arduino" and board is None and variant is None:
+        raise click.UsageError("--format arduino builds a library for a board: give --board (e.g. uno; see "
+                               "`tinylstm boards`), or --variant reference for the portable kernel")
+    variant = _board_variant(board, variant)
     if fmt == "arduino":
-        _export_arduino(model_path, out_dir, prefix, force)
+        _export_arduino(model_path, out_dir, prefix, variant, force)
         return
     from tinylstm.export import ExportError, export_c
     from tinylstm.qmodel import ModelFormatError, load
 
     try:
-        written = export_c(load(model_path), out_dir, prefix=prefix, force=force)
+        written = export_c(load(model_path), out_dir, prefix=prefix, force=force, variant=variant)
     except (ModelFormatError, ExportError) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
@@ -57,12 +73,25 @@ def export(fmt: str, model_path: Path, out_dir: Path, prefix: str, force: bool, 
         click.echo(path)
 
 
-def _export_arduino(model_path: Path, out_dir: Path, prefix: str, force: bool) -> None:
+def _board_variant(board: str | None, variant: str | None) -> str:
+    """``variant``, else the kernel variant ``board``'s firmware builds, else the reference kernel."""
+    if board is None:
+        return variant or "reference"
+    from tinylstm.boards import BoardError, load_board
+    from tinylstm.firmware import board_variant
+
+    try:
+        return board_variant(load_board(board), variant)
+    except BoardError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _export_arduino(model_path: Path, out_dir: Path, prefix: str, variant: str, force: bool) -> None:
     from tinylstm.arduino import ArduinoError, export_arduino
     from tinylstm.qmodel import ModelFormatError, load
 
     try:
-        click.echo(export_arduino(load(model_path), out_dir, prefix=prefix, force=force))
+        click.echo(export_arduino(load(model_path), out_dir, variant=variant, prefix=prefix, force=force))
     except (ModelFormatError, ArduinoError) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tinylstm import evaluate
-from tinylstm.data import Dataset
+from tinylstm.data import Dataset, Split
 from tinylstm.qmodel import DenseHead, InputSpec, LSTMLayer, QuantizedModel
 from tinylstm.train import Checkpoint, EpochLog, LSTMModel, TrainConfig, TrainResult, fit
 
@@ -304,15 +304,17 @@ def quantization_aware_finetune(model: LSTMModel, dataset: Dataset, config: Quan
 @dataclass
 class QuantizeResult:
     qmodel: QuantizedModel
-    comparison: evaluate.Comparison  # FP32 (float_model) against INT8 (integer reference) on the test split
+    comparison: evaluate.Comparison  # FP32 (float_model) against INT8 (integer reference) on the evaluated split
     float_model: LSTMModel  # the checkpoint's model, or its fine-tuned copy after QAT
     qat: TrainResult | None = None
 
 
 def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, *, qat_epochs: int = 0, qat_lr: float = 1e-3,
                         dataset: Dataset | None = None, name: str = "model",
-                        on_epoch: Callable[[EpochLog], None] | None = None) -> QuantizeResult:
-    """Quantize a trained model (after ``qat_epochs`` of fake-quant fine-tuning, if any) and evaluate FP32 vs INT8.
+                        on_epoch: Callable[[EpochLog], None] | None = None, split: Split | None = None
+                        ) -> QuantizeResult:
+    """Quantize a trained model (after ``qat_epochs`` of fake-quant fine-tuning, if any) and evaluate FP32 vs INT8
+    on ``split`` (default: the test split; the model search evaluates its trials on the validation split).
 
     The INT8 side runs through the integer reference. An anomaly model's INT8 threshold is calibrated, like the
     float one, on the known-normal validation windows. The gap and everything a device or HIL tool needs to
@@ -340,7 +342,8 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, *, qat_epoc
                                                       dataset.val, margin)
         int8_threshold = evaluate.calibrate_threshold(evaluate.int8_outputs(qmodel, dataset, dataset.val),
                                                       dataset.val, margin)
-    comparison = evaluate.compare(model, qmodel, dataset, dataset.test, fp32_threshold, int8_threshold)
+    comparison = evaluate.compare(model, qmodel, dataset, dataset.test if split is None else split, fp32_threshold,
+                                  int8_threshold)
     qmodel.meta = model_meta(dataset, config, qat_epochs, comparison, int8_threshold, fp32_threshold)
     return QuantizeResult(qmodel, comparison, model, qat)
 

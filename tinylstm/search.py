@@ -4,18 +4,22 @@
 2. Plan each with the memory-budget planner (and, given ``[data] sample_rate_hz``, its deadline check). Candidates
    that do not fit the board, or cannot keep up with the sample rate, are pruned and never trained.
 3. Train and quantize every remaining candidate as a Ray Tune trial (the same recipe ``tinylstm run`` uses), and
-   evaluate it in INT8 through the integer reference. ASHA stops trials whose validation loss lags.
+   evaluate it in INT8 through the integer reference on the validation split. ASHA stops trials whose validation
+   loss lags.
 4. Estimate each model's latency on the board with the cost model calibrated by the kernel benchmark suite.
-5. Report the Pareto front (INT8 quality against counts per inference against RAM), recommend one model, and write
-   its project config for ``tinylstm run``; optionally run that project (retrain, build, benchmark) to confirm it.
+5. Report the Pareto front (validation INT8 quality against counts per inference against RAM), recommend one model,
+   evaluate that model alone on the test split, and write its project config for ``tinylstm run``; optionally run
+   that project (retrain, build, benchmark) to confirm it.
 
 The driver (this process) plans, schedules, writes the records and prints progress; trials run in Ray workers,
 which need nothing from the driver's disk: the package travels as a Ray runtime-env module and a user's data file
-through the object store. Every finished trial is recorded under ``<out>/trials``, so a stopped search resumes.
+through the object store. Every finished trial is recorded under ``<out>/trials`` (with its quantized model), so a
+stopped search resumes.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -51,6 +55,8 @@ RECOMMENDED_DIR = "recommended"
 TRIALS_DIR = "trials"
 TUNE_DIR = "tune"
 FINISHED = ("completed", "stopped", "failed")  # "crashed" (worker lost after every retry) reruns on --resume
+# 2: trials ranked on the validation split (version 1 ranked them on the test split, and cannot be resumed).
+STATE_VERSION = 2
 
 
 class SearchError(RuntimeError):
@@ -206,7 +212,8 @@ def run_trial(params: dict[str, Any], job: TrialJob) -> None:
     """One Ray Tune trial: train, quantize and evaluate a candidate exactly as `tinylstm run` would.
 
     Reports the best validation loss so far every ``report_every`` epochs (ASHA decides on it), then a final
-    result with the FP32 and INT8 (integer reference) test metrics and the model's digest. A failure of the
+    result with the FP32 and INT8 (integer reference) validation metrics (``validation_quality``), the model's
+    digest and the quantized model itself; the test split is left for the recommended model. A failure of the
     candidate's own settings ends the trial with a ``failed`` result instead of an exception, so it is recorded
     once and not retried; retries are for workers that die.
     """
@@ -237,16 +244,45 @@ def run_trial(params: dict[str, Any], job: TrialJob) -> None:
         quant = quantize.quantize_checkpoint(
             checkpoint, quantize.QuantConfig(per_channel=q["per_channel"], calibration=q["calibration"],
                                              percentile=q["percentile"]),
-            qat_epochs=q["qat_epochs"], qat_lr=q["qat_lr"], dataset=dataset, name=job.name)
+            qat_epochs=q["qat_epochs"], qat_lr=q["qat_lr"], dataset=dataset, name=job.name, split=dataset.val)
+        with tempfile.TemporaryDirectory() as tmp:
+            model = qmodel.save(quant.qmodel, Path(tmp) / "model.npz").read_bytes()
     except (TrialFailure, SearchError, ValueError, qmodel.ModelFormatError, RuntimeError) as e:
         tune.report({"val_loss": math.inf, "failed": f"{type(e).__name__}: {e}",
                      "seconds": time.monotonic() - start})
         return
-    comparison = quant.comparison
-    tune.report({"val_loss": result.best_val_loss, "epoch": len(result.history), "metric": comparison.headline,
-                 "fp32": comparison.fp32[comparison.headline], "int8": comparison.int8[comparison.headline],
-                 "digest": quant.qmodel.digest(), "best_epoch": result.best_epoch,
-                 "epochs_run": len(result.history), "seconds": time.monotonic() - start})
+    tune.report({"val_loss": result.best_val_loss, "epoch": len(result.history), **validation_quality(quant, dataset),
+                 "digest": quant.qmodel.digest(), "model": base64.b64encode(model).decode("ascii"),
+                 "best_epoch": result.best_epoch, "epochs_run": len(result.history),
+                 "seconds": time.monotonic() - start})
+
+
+def validation_quality(quant: Any, dataset: Any) -> dict[str, Any]:
+    """The metric a trial is ranked on, FP32 and INT8, on the validation split: the task's headline metric, except
+    for anomaly detection, whose validation windows are known-normal (no anomaly to score): its forecast RMSE."""
+    if dataset.task != "anomaly":
+        c = quant.comparison
+        return {"metric": c.headline, "val_fp32": c.fp32[c.headline], "val_int8": c.int8[c.headline]}
+    outputs = {"fp32": evaluate.fp32_outputs(quant.float_model, dataset, dataset.val),
+               "int8": evaluate.int8_outputs(quant.qmodel, dataset, dataset.val)}
+    return {"metric": "rmse", **{f"val_{side}": evaluate.forecasting_metrics(out, dataset.val)["rmse"]
+                                 for side, out in outputs.items()}}
+
+
+def recommended_test_quality(model_path: Path, dataset: Any) -> dict[str, Any]:
+    """The INT8 (integer reference) headline metric of a trial's model on the test split: computed once, for the
+    recommended model."""
+    from tinylstm import qmodel
+
+    try:
+        model = qmodel.load(model_path)
+    except qmodel.ModelFormatError as e:
+        raise SearchError(f"{e}; the recommended trial's model is missing: run the search again into another --out"
+                          ) from None
+    metric = evaluate.HEADLINE[dataset.task]
+    out = evaluate.metrics(dataset.task, evaluate.int8_outputs(model, dataset, dataset.test), dataset, dataset.test,
+                           model.meta.get("anomaly_threshold"))
+    return {"split": "test", "metric": metric, "int8": out[metric], "windows": len(dataset.test)}
 
 
 # ---------------------------------------------------------------------------------------------------- ranking
@@ -264,7 +300,8 @@ def best_value(metric: str, values: Sequence[float]) -> float:
 
 
 def pareto_front(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The completed trials no other trial beats on INT8 quality, counts per inference and RAM at once."""
+    """The completed trials no other trial beats on validation INT8 quality, counts per inference and RAM at
+    once."""
     done = [r for r in records if r["status"] == "completed"]
     if not done:
         return []
@@ -272,7 +309,7 @@ def pareto_front(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     sign = -1.0 if metric == "rmse" else 1.0
 
     def axes(r: dict[str, Any]) -> tuple[float, float, float]:
-        return (-sign * r["result"]["int8"], r["latency"]["per_window"], r["plan"]["ram"])
+        return (-sign * r["result"]["val_int8"], r["latency"]["per_window"], r["plan"]["ram"])
 
     front = []
     for r in done:
@@ -284,16 +321,16 @@ def pareto_front(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def recommend(records: Sequence[dict[str, Any]], objective: str) -> dict[str, Any] | None:
-    """The recommended completed trial for an objective (docs/search.md defines each)."""
+    """The recommended completed trial for an objective (docs/search.md defines each), by validation quality."""
     done = [r for r in records if r["status"] == "completed"]
     if not done:
         return None
     metric = done[0]["result"]["metric"]
-    best = best_value(metric, [r["result"]["int8"] for r in done])
+    best = best_value(metric, [r["result"]["val_int8"] for r in done])
     fastest = min(r["latency"]["per_window"] for r in done)
 
     def loss(r: dict[str, Any]) -> float:
-        return quality_loss(metric, r["result"]["int8"], best)
+        return quality_loss(metric, r["result"]["val_int8"], best)
 
     def tie(r: dict[str, Any]) -> tuple[float, int, str]:
         return (r["latency"]["per_window"], r["plan"]["ram"], r["id"])
@@ -346,11 +383,12 @@ def best_table(records: Sequence[dict[str, Any]], objective: str, total: int, ro
         ranked.append(pick)
         rest.remove(pick)
     unit = done[0]["latency"]["unit"]
-    lines = [head, f"  {'candidate':<26} {'INT8 ' + metric:>12} {'FP32':>8} {unit + '/inference':>20} "
+    lines = [head, f"  {'candidate':<26} {'val INT8 ' + metric:>16} {'FP32':>8} {unit + '/inference':>20} "
                    f"{'RAM B':>7} {'flash B':>8} {'epochs':>6}"]
     for r in ranked:
         res = r["result"]
-        lines.append(f"  {r['id']:<26} {format_metric(metric, res['int8']):>12} {format_metric(metric, res['fp32']):>8}"
+        lines.append(f"  {r['id']:<26} {format_metric(metric, res['val_int8']):>16} "
+                     f"{format_metric(metric, res['val_fp32']):>8}"
                      f" {format_count(r['latency']['per_window']):>20} {r['plan']['ram']:>7,} "
                      f"{r['plan']['flash']:>8,} {res['epochs_run']:>6}")
     return lines
@@ -396,8 +434,8 @@ def describe_record(r: dict[str, Any]) -> str:
     retried = f", after {r['retries']} retr{'y' if r['retries'] == 1 else 'ies'}" if r.get("retries") else ""
     if r["status"] == "completed":
         metric = res["metric"]
-        return (f"{r['id']}: INT8 {metric} {format_metric(metric, res['int8'])} (FP32 "
-                f"{format_metric(metric, res['fp32'])}), {res['epochs_run']} epochs, {res['seconds']:.1f} s"
+        return (f"{r['id']}: validation INT8 {metric} {format_metric(metric, res['val_int8'])} (FP32 "
+                f"{format_metric(metric, res['val_fp32'])}), {res['epochs_run']} epochs, {res['seconds']:.1f} s"
                 f"{where}{retried}")
     if r["status"] == "stopped":
         return f"{r['id']}: stopped early by ASHA at epoch {res.get('epoch', '?')} (val loss {res['val_loss']:.4g})"
@@ -466,6 +504,7 @@ class SearchResult:
     front: list[dict[str, Any]]
     picks: dict[str, dict[str, Any] | None]
     recommended: dict[str, Any] | None
+    test: dict[str, Any] | None  # the recommended model's INT8 metric on the test split (the only test figure)
     config_path: Path | None
     verification: dict[str, Any] | None
     summary: dict[str, Any]
@@ -484,7 +523,8 @@ def _plain(v: Any) -> Any:
 
 
 class _Store:
-    """The trial records in ``<out>/trials``, one JSON file each, written as trials finish."""
+    """The trial records in ``<out>/trials``, one JSON file each (and a completed trial's model, ``<id>.npz``),
+    written as trials finish."""
 
     def __init__(self, out_dir: Path) -> None:
         self.folder = out_dir / TRIALS_DIR
@@ -499,6 +539,16 @@ class _Store:
 
     def save(self, record: dict[str, Any]) -> None:
         _write_json(self.folder / f"{record['id']}.json", record)
+
+    def model_path(self, rid: str) -> Path:
+        return self.folder / f"{rid}.npz"
+
+    def save_model(self, rid: str, data: bytes) -> None:
+        """A completed trial's quantized model, written before its record."""
+        path = self.model_path(rid)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
 
 
 def _tune_callback(store: _Store, entries: dict[str, dict[str, Any]], records: dict[str, dict[str, Any]],
@@ -518,7 +568,7 @@ def _tune_callback(store: _Store, entries: dict[str, dict[str, Any]], records: d
             if "failed" in result:
                 self._finish(trial, "failed", result, result["failed"])
             else:
-                self._finish(trial, "completed" if "int8" in result else "stopped", result, None)
+                self._finish(trial, "completed" if "val_int8" in result else "stopped", result, None)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             text = trial.get_error() or "the trial's worker failed"
@@ -527,8 +577,10 @@ def _tune_callback(store: _Store, entries: dict[str, dict[str, Any]], records: d
 
         def _finish(self, trial: Any, status: str, result: dict[str, Any], error: str | None) -> None:
             entry = entries[Candidate.from_dict(trial.config["candidate"]).id]
-            keep = ("val_loss", "epoch", "metric", "fp32", "int8", "digest", "best_epoch", "epochs_run", "seconds",
-                    "pid", "hostname", "node_ip")
+            keep = ("val_loss", "epoch", "metric", "val_fp32", "val_int8", "digest", "best_epoch", "epochs_run",
+                    "seconds", "pid", "hostname", "node_ip")
+            if status == "completed":
+                store.save_model(entry["id"], base64.b64decode(result["model"]))
             result = {k: result[k] for k in keep if k in result}
             if "node_ip" in result:
                 result["node"] = f"{result.pop('hostname', '?')} ({result.pop('node_ip')})"
@@ -640,12 +692,15 @@ def search(settings: SearchSettings, out_dir: str | Path, *, address: str | None
     fixed = dataset.spec.source_path().suffix.lower() == ".npz"  # sets of ready windows: window and stride fixed
     fitting, pruned = _candidate_entries(settings, dataset, board, fixed, cost)
     chosen = _sample(fitting, settings.budget_trials, settings.seed)
-    state = {"format": "tinylstm-search", "version": 1, "tinylstm": __version__, "settings": settings.key(),
+    state = {"format": "tinylstm-search", "version": STATE_VERSION, "tinylstm": __version__, "settings": settings.key(),
              "objective": settings.objective, "candidates": chosen, "pruned": pruned,
              "not_sampled": len(fitting) - len(chosen), "fixed_windows": fixed,
              "cost_model": cost.to_dict() if cost else None}
     if resume:
         old = json.loads(state_path.read_text())
+        if old.get("version") != STATE_VERSION:
+            raise SearchError(f"{out_dir} holds a search by an earlier tinylstm, which ranked its trials on the test "
+                              "split; start a new search with another --out")
         if old.get("settings") != json.loads(json.dumps(settings.key(), default=_plain)):
             raise SearchError(f"{out_dir} holds a search with other settings; resume it with the same options")
     else:
@@ -670,7 +725,8 @@ def search(settings: SearchSettings, out_dir: str | Path, *, address: str | None
     all_records = [{**records[e["id"]], "latency": e["latency"], "plan": e["plan"]} for e in chosen
                    if e["id"] in records]
     progress.table(all_records, len(chosen))
-    return _finish(settings, out_dir, all_records, pruned, chosen, board, fixed, name, verify, progress, cost)
+    return _finish(settings, out_dir, all_records, pruned, chosen, board, fixed, name, verify, progress, cost,
+                   store)
 
 
 def _run_trials(settings: SearchSettings, todo: list[dict[str, Any]], entries: dict[str, dict[str, Any]],
@@ -721,12 +777,13 @@ def _run_trials(settings: SearchSettings, todo: list[dict[str, Any]], entries: d
 
 def _finish(settings: SearchSettings, out_dir: Path, records: list[dict[str, Any]], pruned: list[dict[str, Any]],
             chosen: list[dict[str, Any]], board: boards.Board, fixed: bool, name: str, verify: bool,
-            progress: Progress, cost: costmodel.CostModel | None) -> SearchResult:
+            progress: Progress, cost: costmodel.CostModel | None, store: _Store) -> SearchResult:
+    from tinylstm import pipeline
 
     front = pareto_front(records)
     picks = {objective: recommend(records, objective) for objective in OBJECTIVES}
     pick = picks[settings.objective]
-    config_path = verification = None
+    config_path = verification = test = None
     counts = {s: sum(r["status"] == s for r in records) for s in ("completed", "stopped", "failed", "crashed")}
     unfinished = len(chosen) - len(records)
     partial = unfinished > 0 or counts["crashed"] > 0
@@ -738,6 +795,8 @@ def _finish(settings: SearchSettings, out_dir: Path, records: list[dict[str, Any
         config_path = out_dir / RECOMMENDED_CONFIG
         config = project_config(settings.project, Candidate.from_dict(pick["candidate"]), board.name, fixed, name,
                                 f"tinylstm run {config_path} --out {out_dir / RECOMMENDED_DIR}")
+        dataset = pipeline.Context(config, out_dir, pipeline.Reporter()).dataset()
+        test = {"id": pick["id"], **recommended_test_quality(store.model_path(pick["id"]), dataset)}
         tmp = config_path.with_name(config_path.name + ".tmp")
         tmp.write_text(config.to_toml())
         tmp.replace(config_path)
@@ -754,13 +813,14 @@ def _finish(settings: SearchSettings, out_dir: Path, records: list[dict[str, Any
         if cost else None,
         "pareto_front": [r["id"] for r in front],
         "picks": {objective: (r["id"] if r else None) for objective, r in picks.items()},
-        "recommended": None if partial else pick, "config": str(config_path) if config_path else None,
+        "recommended": None if partial else pick, "test": test,
+        "config": str(config_path) if config_path else None,
         "verification": verification,
         "records": records, "pruned_candidates": pruned,
     }
     _write_json(out_dir / RESULTS_FILE, summary)
-    return SearchResult(out_dir, records, pruned, front, picks, None if partial else pick, config_path, verification,
-                        summary)
+    return SearchResult(out_dir, records, pruned, front, picks, None if partial else pick, test, config_path,
+                        verification, summary)
 
 
 def _verify(config: Any, run_dir: Path, pick: dict[str, Any], progress: Progress) -> dict[str, Any]:
@@ -775,10 +835,8 @@ def _verify(config: Any, run_dir: Path, pick: dict[str, Any], progress: Progress
         return {"ok": False, "error": str(e)}
     s = run.summaries
     quant, firmware, bench = s.get("quantize") or {}, s.get("firmware") or {}, s.get("bench") or {}
-    comparison = quant.get("comparison", {})
     out: dict[str, Any] = {"ok": True, "run_dir": str(run_dir), "digest": quant.get("digest"),
                            "repeats_trial": quant.get("digest") == pick["result"].get("digest"),
-                           "int8": comparison.get("int8", {}).get(comparison.get("metric")),
                            "planner": s.get("plan", {}).get("verdict"), "linker": firmware.get("linker"),
                            "planner_sizes": firmware.get("planner")}
     if bench:
@@ -791,9 +849,9 @@ def _verify(config: Any, run_dir: Path, pick: dict[str, Any], progress: Progress
     return out
 
 
-
 def summary_text(result: SearchResult) -> str:
-    """The closing report: pruning, trials, the Pareto front, the picks, the config and its confirmation."""
+    """The closing report: pruning, trials, the Pareto front, the picks, the recommended model's test figure, the
+    config and its confirmation."""
     s = result.summary
     unit = s["latency_unit"]
     lines = ["", f"Search on {s['board']}: {s['candidates']} candidates, {s['pruned']} pruned by the planner before "
@@ -806,12 +864,12 @@ def summary_text(result: SearchResult) -> str:
             loo = (f"leave-one-out error mean {fit['loo_mean_abs']:.2%}, max {fit['loo_max_abs']:.2%} over "
                    f"{fit['points']} shapes" if fit["loo_mean_abs"] is not None else f"{fit['points']} shapes")
             lines.append(f"  latency: {fit['variant']} kernel cost model ({loo})")
-    lines.append(f"Pareto front (INT8 quality, {unit} per inference, RAM):")
+    lines.append(f"Pareto front (validation INT8 quality, {unit} per inference, RAM):")
     by_id = {r["id"]: r for r in result.records}
     for rid in s["pareto_front"]:
         r = by_id[rid]
         tags = [o for o, pick in s["picks"].items() if pick == rid]
-        lines.append(f"  {rid:<26} INT8 {format_metric(r['result']['metric'], r['result']['int8']):>7}  "
+        lines.append(f"  {rid:<26} val INT8 {format_metric(r['result']['metric'], r['result']['val_int8']):>7}  "
                      f"{format_count(r['latency']['per_window']):>8} {unit}  RAM {r['plan']['ram']:>6,} B  "
                      f"flash {r['plan']['flash']:>7,} B  {'<- ' + ', '.join(tags) if tags else ''}")
     if s["partial"]:
@@ -822,13 +880,16 @@ def summary_text(result: SearchResult) -> str:
         lines.append("no trial completed: nothing to recommend")
         return "\n".join(lines)
     lines.append(f"recommended ({s['objective']}): {result.recommended['id']}; config: {result.config_path}")
+    if result.test is not None:
+        t = result.test
+        lines.append(f"  test split: INT8 {t['metric']} {format_metric(t['metric'], t['int8'])} over {t['windows']} "
+                     "windows (the only model evaluated on it; the choice used the validation split)")
     v = result.verification
     if v is not None and not v["ok"]:
         lines.append(f"  confirmation FAILED: {v['error']}")
     elif v is not None:
         linker = v.get("linker") or {}
-        metric = result.recommended["result"]["metric"]
-        lines.append(f"  confirmed by tinylstm run: INT8 {format_metric(metric, v['int8'])}, same model as the trial: "
+        lines.append(f"  confirmed by tinylstm run: same model as the trial: "
                      f"{'yes' if v['repeats_trial'] else 'NO'}; planner: {v['planner']}"
                      + (f"; linker: flash {linker['flash']:,} B, RAM {linker['ram']:,} B" if linker else ""))
         if v.get("device"):
