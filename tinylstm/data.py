@@ -354,7 +354,7 @@ def _load_csv(spec: DataSpec, path: Path) -> Dataset:
             train_rows, places = slice(*bounds[0]), [f"rows {lo}-{hi - 1}" for lo, hi in bounds]
         splits = [Split(x=_gather(series, a - window + 1, window), y=y_all[a], row=a) for a in parts]
         _check_splits(path, splits, places, window, len(segments) > 1)
-        check_training_classes(str(path), classes, splits, split)
+        _check_training_classes(str(path), classes, splits, split)
         norm = Normalizer.fit(series[train_rows], spec.norm)
         return Dataset(spec, task, features, [], classes, norm, None, *splits)
 
@@ -443,15 +443,17 @@ def _anchors(segments: list[tuple[int, int]], part: tuple[int, int], before: int
 def _group_split(spec: DataSpec, where: str, groups: np.ndarray, anchors: np.ndarray, labels: np.ndarray | None,
                  n_classes: int) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
     """The anchors of the train, validation and test parts, the training rows (a mask), and the parts' names."""
+    if not len(anchors):
+        raise DataError(f"{where}: no recording or group is long enough for one window; use a shorter --window")
     names, inverse = np.unique(groups[anchors], return_inverse=True)
-    part = deal_groups(names, inverse, labels, n_classes, [spec.val_fraction, spec.test_fraction],
+    part = _deal_groups(names, inverse, labels, n_classes, [spec.val_fraction, spec.test_fraction],
                        np.random.default_rng(spec.seed), where)
     parts = [anchors[part[inverse] == k] for k in range(3)]
     train_rows = np.isin(groups, names[part == 0])
     return parts, train_rows, [f"{int((part == k).sum())} groups" for k in range(3)]
 
 
-def deal_groups(names: np.ndarray, inverse: np.ndarray, labels: np.ndarray | None, n_classes: int,
+def _deal_groups(names: np.ndarray, inverse: np.ndarray, labels: np.ndarray | None, n_classes: int,
                 fractions: list[float], rng: np.random.Generator, where: str) -> np.ndarray:
     """The part of every group: 0 (training), or k for the held-out part of ``fractions[k - 1]``.
 
@@ -482,7 +484,7 @@ def deal_groups(names: np.ndarray, inverse: np.ndarray, labels: np.ndarray | Non
     return best
 
 
-def check_training_classes(where: str, classes: list[str], splits: list[Split], split: str) -> None:
+def _check_training_classes(where: str, classes: list[str], splits: list[Split], split: str) -> None:
     """Refuse a split whose training part lacks a class: the model could never predict it."""
     train, val, test = (np.bincount(s.y, minlength=len(classes)) for s in splits)
     missing = np.flatnonzero(train == 0)
@@ -596,7 +598,7 @@ def _load_npz(spec: DataSpec, path: Path) -> Dataset:
             raise DataError(f"{path}: groups has shape {list(groups.shape)}; it needs one group per window of "
                             f"{main} ({len(ys['train'])})")
         group_names, inverse = np.unique(groups.astype(str), return_inverse=True)
-        part = deal_groups(group_names, inverse, ys["train"], len(classes), [fractions[p] for p in held], rng,
+        part = _deal_groups(group_names, inverse, ys["train"], len(classes), [fractions[p] for p in held], rng,
                            f"{path}: groups")[inverse]
         take = {p: np.flatnonzero(part == k) for k, p in enumerate(["train", *held])}
     else:  # stratified: the test part first, then validation from the rest
@@ -610,7 +612,7 @@ def _load_npz(spec: DataSpec, path: Path) -> Dataset:
     train, val, test = parts["train"], parts["val"], parts["test"]
     if len(train) == 0 or len(val) == 0 or len(test) == 0:
         raise DataError(f"{path}: too few windows for a training, validation and test split")
-    check_training_classes(str(path), classes, [train, val, test], split)
+    _check_training_classes(str(path), classes, [train, val, test], split)
     norm = Normalizer.fit(train.x, spec.norm)
     features = [f"feature {i}" for i in range(train.x.shape[2])]
     return Dataset(spec, "classification", features, [], classes, norm, None, train, val, test)
