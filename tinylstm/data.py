@@ -447,14 +447,14 @@ def _group_split(spec: DataSpec, where: str, groups: np.ndarray, anchors: np.nda
         raise DataError(f"{where}: no recording or group is long enough for one window; use a shorter --window")
     names, inverse = np.unique(groups[anchors], return_inverse=True)
     part = _deal_groups(names, inverse, labels, n_classes, [spec.val_fraction, spec.test_fraction],
-                       np.random.default_rng(spec.seed), where)
+                        np.random.default_rng(spec.seed), where)
     parts = [anchors[part[inverse] == k] for k in range(3)]
     train_rows = np.isin(groups, names[part == 0])
     return parts, train_rows, [f"{int((part == k).sum())} groups" for k in range(3)]
 
 
 def _deal_groups(names: np.ndarray, inverse: np.ndarray, labels: np.ndarray | None, n_classes: int,
-                fractions: list[float], rng: np.random.Generator, where: str) -> np.ndarray:
+                 fractions: list[float], rng: np.random.Generator, where: str) -> np.ndarray:
     """The part of every group: 0 (training), or k for the held-out part of ``fractions[k - 1]``.
 
     Each held-out part gets round(fraction x groups) groups, at least one, and training the rest (at least one).
@@ -599,7 +599,7 @@ def _load_npz(spec: DataSpec, path: Path) -> Dataset:
                             f"{main} ({len(ys['train'])})")
         group_names, inverse = np.unique(groups.astype(str), return_inverse=True)
         part = _deal_groups(group_names, inverse, ys["train"], len(classes), [fractions[p] for p in held], rng,
-                           f"{path}: groups")[inverse]
+                            f"{path}: groups")[inverse]
         take = {p: np.flatnonzero(part == k) for k, p in enumerate(["train", *held])}
     else:  # stratified: the test part first, then validation from the rest
         take, remaining = {}, np.arange(len(ys["train"]))
