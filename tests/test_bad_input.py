@@ -48,6 +48,8 @@ def project(directory: Path, **changes: str) -> Path:
     ("model", "hidden = [8, 8, 8, 8]", ["4 layers", "1 to 3"]),
     ("data", 'dataset = "taylor_demand"\nval_fraction = 0.6\ntest_fraction = 0.5', ["val_fraction + test_fraction"]),
     ("board", 'name = "unoo"', ["[board] name", "did you mean uno"]),
+    ("data", 'dataset = "taylor_demand"\nsplit = "random"', ["[data] split", "walk-forward, stratified, group"]),
+    ("train", 'class_weight = "balanced"', ["class_weight", "this is a forecasting task"]),
 ])
 def test_a_bad_value_stops_the_run_before_any_stage(tmp_path, section, body, words):
     changes = {section: body}
@@ -66,6 +68,15 @@ def test_a_binary_or_latin1_config_is_a_one_line_error(tmp_path):
         result = tinylstm("run", name, "--out", "out", cwd=tmp_path)
         assert_one_line_error(result, name, "not valid TOML")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_npz_window_that_disagrees_with_the_project_names_the_key(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "w.npz", X=np.zeros((20, 25, 3)), y=np.arange(20) % 2)
+    config = project(tmp_path, data='path = "w.npz"\nwindow = 50', task='kind = "classification"')
+    result = tinylstm("run", str(config), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert_one_line_error(result, "data: ", "X windows have 25 steps but the window is set to 50", "[data] window")
 
 
 def test_init_with_a_latin1_or_binary_csv_is_a_one_line_error(tmp_path):

@@ -55,6 +55,42 @@ def test_init_writes_a_config_that_loads(tmp_path):
     assert (tmp_path / "p.toml").read_text() == text
 
 
+def test_init_lists_columns_writes_features_and_flags_ids(tmp_path):
+    # subject is id-like by name; trial by its values (whole numbers, constant over runs of 30 rows); count
+    # is whole numbers too but changes every row, so it stays a feature
+    rows = [f"{t // 90},{t // 30},{t * 0.01:.2f},{t},{'walk' if t % 60 < 30 else 'sit'}" for t in range(180)]
+    csv = tmp_path / "imu.csv"
+    csv.write_text("subject_id,trial,ax,count,activity\n" + "\n".join(rows) + "\n")
+    result = CliRunner().invoke(main, ["init", str(tmp_path / "p.toml"), "--data", str(csv)])
+    assert result.exit_code == 0, result.output
+    assert ("columns in imu.csv: subject_id (id?), trial (id?), ax (feature), count (feature), activity (label)"
+            in result.stdout)
+    assert "warning: subject_id, trial look like ids" in result.stderr and "[data] group" in result.stderr
+    text = (tmp_path / "p.toml").read_text()
+    assert 'features = [                    # input columns, one per line\n    "ax",\n    "count",\n]' in text
+    config = pipeline.load_config(tmp_path / "p.toml")
+    assert config["data"]["features"] == ["ax", "count"] and config["task"]["label"] == "activity"
+
+
+def test_init_writes_an_npz_window_length(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "w.npz", X=np.zeros((10, 3, 25)), y=np.arange(10) % 2)  # [N, F, T]: 25 steps
+    result = CliRunner().invoke(main, ["init", str(tmp_path / "p.toml"), "--data", str(tmp_path / "w.npz")])
+    assert result.exit_code == 0, result.output
+    assert pipeline.load_config(tmp_path / "p.toml")["data"]["window"] == 25
+
+
+def test_the_data_keys_reach_the_data_spec():
+    config = pipeline.make_config({"data": {"path": "s.csv", "recording": "rec", "group": "subject",
+                                            "split": "group"},
+                                   "task": {"kind": "classification", "label": "y"},
+                                   "train": {"class_weight": "balanced"}, "board": {"name": "uno_sim"}}, "test")
+    spec = pipeline.Context(config, Path("."), pipeline.Reporter()).data_spec()
+    assert (spec.recording, spec.group, spec.split) == ("rec", "subject", "group")
+    assert "class_weight = \"balanced\"" in config.to_toml() and "split = \"group\"" in config.to_toml()
+
+
 def _write_project(directory: Path, **sections) -> Path:
     """A forecasting project on the user's own CSV (a copy of the bundled demand series), for a real board
     without a build: every stage is quick."""

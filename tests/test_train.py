@@ -17,8 +17,10 @@ from tinylstm.train import (
     ModelConfig,
     TrainConfig,
     TrainError,
+    class_weights,
     fit,
     load_checkpoint,
+    loss_function,
     model_config_for,
     save_checkpoint,
     train_model,
@@ -144,3 +146,28 @@ def test_budget_is_checked_before_training(tmp_path):
     forced = runner.invoke(main, ["train", "--dataset", "basic_motions", "--hidden", "400", "--board", "uno_sim",
                                   "--force", "--epochs", "1", "--quiet", "--out", str(tmp_path / "f.pt")])
     assert forced.exit_code == 0 and (tmp_path / "f.pt").exists()
+
+
+def test_balanced_class_weights_follow_the_class_counts(tmp_path, monkeypatch):
+    # 9 windows of 4 classes, counted 6, 2, 1, 0: 9 / (4 x count), and 0 for a class without windows
+    np.testing.assert_allclose(class_weights(np.array([0, 0, 0, 0, 0, 0, 1, 1, 2]), 4), [9 / 24, 9 / 8, 9 / 4, 0])
+    # the weighted cross-entropy: sum of weight x loss over the sum of the weights
+    loss = loss_function("classification", np.array([1.0, 3.0]))
+    value = loss(torch.tensor([[0.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1])).item()
+    assert value == pytest.approx((np.log(2) + 3 * np.log(1 + np.exp(2))) / 4, rel=1e-6)
+    seen = []
+
+    def spy(task, weights=None):
+        seen.append(weights)
+        return loss_function(task, weights)
+
+    monkeypatch.setattr("tinylstm.train.loss_function", spy)
+    # 60 training windows of classes 0, 1, 2 counted 40, 15, 5 (validation and test given apart)
+    y = np.repeat([0, 1, 2], [40, 15, 5])
+    np.savez(tmp_path / "imb.npz", X_train=np.random.default_rng(0).normal(size=(60, 6, 2)), y_train=y,
+             X_val=np.zeros((3, 6, 2)), y_val=[0, 1, 2], X_test=np.zeros((3, 6, 2)), y_test=[0, 1, 2])
+    data = load_dataset(DataSpec(task="classification", path=str(tmp_path / "imb.npz"), layout="NTF"))
+    fit(LSTMModel(model_config_for(data, [4])), data, TrainConfig(epochs=1, class_weight="balanced"))
+    np.testing.assert_allclose(seen[-1], [60 / 120, 60 / 45, 60 / 15])
+    fit(LSTMModel(model_config_for(data, [4])), data, TrainConfig(epochs=1))
+    assert seen[-1] is None

@@ -137,6 +137,27 @@ _FILLNA_OPTION = click.option(
     help="What to do with NaN/inf values (none: refuse the data).")
 
 
+def _split_options(command: Any) -> Any:
+    """The options that say how recordings and groups cut and split the data, shared by train and search."""
+    options = [
+        click.option("--recording", help="CSV column that changes between recordings: no window crosses a change."),
+        click.option("--group", help="CSV column of groups (e.g. subjects): no window crosses a change; with "
+                                     "--split group (the default when given) each part holds whole groups."),
+        click.option("--split", type=click.Choice(["auto", "walk-forward", "stratified", "group"]), default="auto",
+                     show_default=True,
+                     help="walk-forward: a series' rows in time order (train, validation, test). stratified: NPZ "
+                          "windows drawn per class. group: whole groups per part (a CSV --group column or the "
+                          "NPZ's groups array), every class in every part where possible. auto: group when "
+                          "groups are given, else walk-forward for a CSV and stratified for an NPZ."),
+        click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True,
+                     help="Classification: balanced weights each class's loss by windows / (classes x its "
+                          "windows), for imbalanced classes."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("data", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--dataset", help="A bundled demo set instead of a file: basic_motions, taylor_demand, kdd_tsad_135.")
@@ -157,6 +178,7 @@ _FILLNA_OPTION = click.option(
 @click.option("--test-fraction", type=float, default=0.15, show_default=True)
 @click.option("--normal-rows", type=int, help="Anomaly: length of the known-normal prefix (train + calibration).")
 @click.option("--layout", type=click.Choice(["auto", "NTF", "NFT"]), help="NPZ window layout.")
+@_split_options
 @click.option("--board", help="Check the model against this board's memory (and --sample-rate) before training.")
 @click.option("--per-channel", is_flag=True, help="Plan for per-channel weight scales.")
 @_SAMPLE_RATE_OPTION
@@ -184,14 +206,14 @@ _FILLNA_OPTION = click.option(
 def train(data: Path | None, dataset: str | None, task: str | None, features: str | None, target: str | None,
           label: str | None, hidden: str, layers: int | None, window: int | None, stride: int, horizon: int,
           norm: str, fillna: str, val_fraction: float, test_fraction: float, normal_rows: int | None,
-          layout: str | None, board: str | None, per_channel: bool, sample_rate: float | None, force: bool,
-          epochs: int, lr: float,
+          layout: str | None, recording: str | None, group: str | None, split: str, class_weight: str,
+          board: str | None, per_channel: bool, sample_rate: float | None, force: bool, epochs: int, lr: float,
           batch_size: int, patience: int, schedule: str, optimizer: str, weight_decay: float, clip_norm: float,
           threshold_margin: float, seed: int, threads: int, out: Path, quiet: bool, as_json: bool) -> None:
     """Train a float LSTM on a CSV/NPZ file or a bundled dataset, checking the board's budget first."""
     from tinylstm import boards, budget
     from tinylstm import train as tr
-    from tinylstm.data import DataError, DataSpec, load_dataset
+    from tinylstm.data import DataError, DataSpec, check_class_weight, load_dataset
 
     try:
         sizes = [int(v) for v in hidden.split(",")]
@@ -205,7 +227,8 @@ def train(data: Path | None, dataset: str | None, task: str | None, features: st
         raise click.UsageError("--sample-rate is checked against a board: give --board too")
     fields = dict(features=features.split(",") if features else None, target=target, label=label, window=window,
                   stride=stride, horizon=horizon, norm=norm, fillna=fillna, val_fraction=val_fraction,
-                  test_fraction=test_fraction, normal_rows=normal_rows, layout=layout, seed=seed)
+                  test_fraction=test_fraction, normal_rows=normal_rows, layout=layout, seed=seed,
+                  recording=recording, group=group, split=split)
     try:
         if (data is None) == (dataset is None):
             raise DataError("give either a data file or --dataset")
@@ -215,6 +238,7 @@ def train(data: Path | None, dataset: str | None, task: str | None, features: st
             if task is None:
                 raise DataError("--task is required with a data file")
             spec = DataSpec(task=task, path=str(data.resolve()), **{k: v for k, v in fields.items() if v is not None})
+        check_class_weight(spec.task, class_weight)
         ds = load_dataset(spec)
         config = tr.model_config_for(ds, sizes)
         config.validate()
@@ -231,7 +255,7 @@ def train(data: Path | None, dataset: str | None, task: str | None, features: st
                 click.echo(f"warning: {warning}", err=True)
         train_config = tr.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                       optimizer=optimizer, clip_norm=clip_norm, patience=patience,
-                                      schedule=schedule, seed=seed, threads=threads)
+                                      schedule=schedule, seed=seed, threads=threads, class_weight=class_weight)
         with _epoch_bar(epochs, "training", not (quiet or as_json)) as bar:
             checkpoint, result = tr.train_model(ds, sizes, train_config, threshold_margin=threshold_margin,
                                                 on_epoch=(lambda log: bar.update(1, log)) if bar else None)
@@ -749,29 +773,38 @@ def run(config_path: Path, out_dir: Path | None) -> None:
 @main.command()
 @click.argument("path", default="tinylstm.toml", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", "data_path", type=click.Path(dir_okay=False, path_type=Path),
-              help="Your CSV: its path goes into the config and its columns into a comment.")
+              help="Your CSV or NPZ. A CSV's columns are listed, its numeric columns other than the label become "
+                   "features, and columns that look like ids (subject, rec, session, user, ...; or whole numbers "
+                   "constant over long runs) are left out with a warning. An NPZ's window length is written.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 def init(path: Path, data_path: Path | None, force: bool) -> None:
     """Write a commented example project config (default: tinylstm.toml)."""
-    import csv
     import os
 
     from tinylstm import pipeline
+    from tinylstm.data import DataError, inspect_source
 
     if path.exists() and not force:
         raise click.ClickException(f"{path} exists; use --force to overwrite it")
-    columns = None
-    if data_path is not None and data_path.suffix.lower() == ".csv":
+    source = None
+    if data_path is not None and data_path.suffix.lower() in (".csv", ".npz"):
         try:
-            with open(data_path, newline="", encoding="utf-8") as f:
-                columns = next(csv.reader(f), None)
-        except OSError as e:
-            raise click.ClickException(f"cannot read {data_path}: {e.strerror}") from None
-        except (UnicodeDecodeError, csv.Error):
-            raise click.ClickException(f"{data_path} is not a UTF-8 CSV file (save it as UTF-8 text with a header "
-                                       "row of column names)") from None
+            source = inspect_source(data_path)
+        except DataError as e:
+            raise click.ClickException(str(e)) from None
+    if source is not None and source.columns:
+        roles = {**{c: "feature" for c in source.features}, **{c: "id?" for c in source.ids}}
+        if source.label:
+            roles[source.label] = "label"
+        click.echo(f"columns in {data_path.name}: " +
+                   ", ".join(f"{c} ({roles.get(c, 'not numeric')})" for c in source.columns))
+        if source.ids:
+            looks = "look like ids" if len(source.ids) > 1 else "looks like an id"
+            click.echo(f"warning: {', '.join(source.ids)} {looks} of recordings or subjects; "
+                       "left out of features: set [data] group (subjects) or recording to it, or add it to "
+                       "features", err=True)
     data = os.path.relpath(data_path.resolve(), path.resolve().parent) if data_path else None
-    text = pipeline.example_config(path.name, data, columns)
+    text = pipeline.example_config(path.name, data, source)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         tmp.write_text(text)
@@ -859,6 +892,7 @@ def _list(text: str | None, kind: type, option: str) -> list[Any] | None:
 @click.option("--target", help="Forecasting/anomaly: the CSV column to predict.")
 @click.option("--label", help="Classification: the CSV label column.")
 @_FILLNA_OPTION
+@_split_options
 @click.option("--board", required=True, help="The board every candidate must fit (see `tinylstm boards`).")
 @_SAMPLE_RATE_OPTION
 @click.option("--hidden", help="Hidden sizes to try, comma-separated [default: 4,6,8,...,128].")
@@ -887,8 +921,8 @@ def _list(text: str | None, kind: type, option: str) -> list[Any] | None:
 @click.option("--resume", is_flag=True, help="Continue the search in --out, running only unfinished trials.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of the report.")
 def search(data: Path | None, dataset: str | None, task: str | None, features: str | None, target: str | None,
-           label: str | None, fillna: str, board: str, sample_rate: float | None, hidden: str | None, layers: str,
-           window: str | None,
+           label: str | None, fillna: str, recording: str | None, group: str | None, split: str, class_weight: str,
+           board: str, sample_rate: float | None, hidden: str | None, layers: str, window: str | None,
            stride: str | None, lr: str | None, epochs: int | None, budget_trials: int | None, objective: str,
            calibration: tuple[Path, ...], variant: str | None, address: str | None, cpus: int, retries: int,
            no_early_stop: bool, verify: bool, seed: int, out_dir: Path, resume: bool, as_json: bool) -> None:
@@ -913,9 +947,10 @@ def search(data: Path | None, dataset: str | None, task: str | None, features: s
     project = sr.project_sections(
         dataset, str(data.resolve()) if data else None,
         data={"features": features.split(",") if features else None, "window": windows[0] if windows else None,
-              "stride": strides[0] if strides else None, "seed": seed, "fillna": fillna,
-              "sample_rate_hz": sample_rate},
-        task={"kind": task, "label": label, "target": target}, train={"epochs": epochs, "seed": seed})
+              "stride": strides[0] if strides else None, "seed": seed, "fillna": fillna, "recording": recording,
+              "group": group, "split": split, "sample_rate_hz": sample_rate},
+        task={"kind": task, "label": label, "target": target},
+        train={"epochs": epochs, "seed": seed, "class_weight": class_weight})
     settings = sr.SearchSettings(board=board, project=project, space=space, objective=objective,
                                  budget_trials=budget_trials, seed=seed, early_stop=not no_early_stop, retries=retries,
                                  calibration=calibration or (sr.DEFAULT_CALIBRATION,), variant=variant)

@@ -1,14 +1,17 @@
 """The data pipeline: CSV series, NPZ windows and the bundled demo sets, cut into normalised windows.
 
 Series (CSV, one row per time step) are split walk-forward: training rows come first, then validation, then
-test, and time is never shuffled. Sets of independent windows (NPZ) are split stratified by class. The
-normaliser is fitted on the training part only and travels with the model.
+test, and time is never shuffled. Sets of independent windows (NPZ) are split stratified by class. Either can
+instead be split by groups (subjects, sessions): each part then holds whole groups. A CSV may hold many
+recordings: no window crosses a change of the recording or group column. The normaliser is fitted on the
+training part only and travels with the model.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,13 @@ import numpy as np
 TASKS = ("classification", "forecasting", "anomaly")
 NORMS = ("zscore", "minmax", "none")
 FILLNA = ("none", "ffill", "linear", "zero")
+# auto: group when groups are given, else walk-forward for a CSV series and stratified for NPZ windows.
+SPLITS = ("auto", "walk-forward", "stratified", "group")
+CLASS_WEIGHTS = ("none", "balanced")
+GROUP_DEALS = 200  # seeded random deals of groups into parts tried by a group split
+ID_WORDS = ("id", "subject", "subj", "rec", "recording", "session", "user", "participant")
+ID_RUN = 20  # an integer column whose value holds for this many rows on average looks like an id
+LABEL_NAMES = ("label", "labels", "class", "activity", "y", "anomaly", "is_anomaly")
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # training runs in float32
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -56,6 +66,9 @@ class DataSpec:
     normal_rows: int | None = None  # anomaly: length of the known-normal prefix used for training/calibration
     layout: str = "auto"  # NPZ: "NTF", "NFT" or "auto"
     seed: int = 0
+    recording: str | None = None  # CSV: a column whose value changes between recordings
+    group: str | None = None  # CSV: a column of groups (subjects) for split = "group"
+    split: str = "auto"  # one of SPLITS
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +203,8 @@ def load_dataset(spec: DataSpec) -> Dataset:
         raise DataError(f"unknown normalisation {spec.norm!r}; choose one of {', '.join(NORMS)}")
     if spec.fillna not in FILLNA:
         raise DataError(f"unknown --fillna {spec.fillna!r}; choose one of {', '.join(FILLNA)}")
+    if spec.split not in SPLITS:
+        raise DataError(f"unknown split {spec.split!r}; choose one of {', '.join(SPLITS)}")
     for name in ("window", "stride", "horizon"):
         v = getattr(spec, name)
         if v is not None and v < 1:
@@ -213,9 +228,12 @@ def load_dataset(spec: DataSpec) -> Dataset:
 def read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     """Header and rows of a CSV file, as strings."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a UTF-8 CSV file (save it as UTF-8 text with a header row of column "
+                        "names)") from None
+    except (OSError, csv.Error) as e:
         raise DataError(f"{path}: cannot read CSV ({e})") from None
     rows = [r for r in rows if r]
     if len(rows) < 2:
@@ -301,10 +319,12 @@ def _load_csv(spec: DataSpec, path: Path) -> Dataset:
             target = spec.features[0]
         else:
             raise DataError(f"{task} needs the column to predict (--target)")
-    for name, role in ((spec.label, "label"), (target, "target")):
+    for name, role in ((spec.label, "label"), (target, "target"), (spec.recording, "recording"),
+                       (spec.group, "group")):
         if name:
             _column_index(path, header, name, role)
-    features = spec.features or [h for h in header if h != spec.label]
+    split = _series_split(spec, path)
+    features = spec.features or [h for h in header if h not in (spec.label, spec.recording, spec.group)]
     if not features:
         raise DataError(f"{path}: no feature columns")
     cols = [_column_index(path, header, name, "feature") for name in features]
@@ -314,21 +334,28 @@ def _load_csv(spec: DataSpec, path: Path) -> Dataset:
     if window is None:
         raise DataError("a CSV series needs the window length (--window)")
     n = len(series)
+    # Runs of rows with one recording and group value: no window crosses a change of either.
+    keys = [[r[header.index(c)].strip() for r in rows] for c in (spec.recording, spec.group) if c]
+    segments = _segments(n, keys)
+    groups = np.array(keys[-1]) if spec.group else None
 
     if task == "classification":
         labels = [r[header.index(spec.label)].strip() for r in rows]
         classes = _classes(labels, f"{path}: label column {spec.label!r}")
         y_all = np.array([classes.index(v) for v in labels], dtype=np.int64)
-        need = window
-        _check_length(path, n, need, window)
-        bounds = _walk_forward_bounds(n, spec)
-        splits = []
-        for lo, hi in bounds:  # whole windows inside each part, labelled by their last row
-            starts = np.arange(lo, hi - window + 1, spec.stride)
-            last = starts + window - 1
-            splits.append(Split(x=_gather(series, starts, window), y=y_all[last], row=last))
-        _check_splits(path, splits, bounds, window)
-        norm = Normalizer.fit(series[bounds[0][0]:bounds[0][1]], spec.norm)
+        _check_length(path, n, window, window)
+        # A window is labelled by its last row (the anchor) and lies wholly inside its part.
+        if split == "group":
+            anchors = _anchors(segments, (0, n), window - 1, 1, window - 1, spec.stride)
+            parts, train_rows, places = _group_split(spec, str(path), groups, anchors, y_all[anchors], len(classes))
+        else:
+            bounds = _walk_forward_bounds(n, spec)
+            parts = [_anchors(segments, b, window - 1, 1, window - 1, spec.stride) for b in bounds]
+            train_rows, places = slice(*bounds[0]), [f"rows {lo}-{hi - 1}" for lo, hi in bounds]
+        splits = [Split(x=_gather(series, a - window + 1, window), y=y_all[a], row=a) for a in parts]
+        _check_splits(path, splits, places, window, len(segments) > 1)
+        _check_training_classes(str(path), classes, splits, split)
+        norm = Normalizer.fit(series[train_rows], spec.norm)
         return Dataset(spec, task, features, [], classes, norm, None, *splits)
 
     t_col = _numeric_column(path, rows, header.index(target), target)[:, None]
@@ -336,6 +363,7 @@ def _load_csv(spec: DataSpec, path: Path) -> Dataset:
     horizon = spec.horizon if task == "forecasting" else 1
     _check_length(path, n, window + horizon, window)
     truth_all = None
+    strides = [spec.stride] * 3
     if task == "anomaly":
         normal = spec.normal_rows or int(round(n * (1 - spec.test_fraction)))
         if not window + 2 <= normal < n:
@@ -343,32 +371,131 @@ def _load_csv(spec: DataSpec, path: Path) -> Dataset:
                             f" (series of {n} rows, window {window})")
         cut = int(round(normal * (1 - spec.val_fraction)))
         bounds = [(0, cut), (cut, normal), (normal, n)]
+        strides[2] = 1  # score every test point
         if spec.label:
             truth_all = _numeric_column(path, rows, header.index(spec.label), spec.label)
             truth_all = (np.nan_to_num(truth_all) != 0).astype(np.int64)
+            if truth_all[:normal].any():
+                first = int(np.argmax(truth_all))
+                raise DataError(f"{path}: normal_rows = {normal} overlaps a labelled anomaly, first at line "
+                                f"{first + 2} (label column {spec.label!r}); the model must train on normal rows "
+                                f"only: set normal_rows ([task] normal_rows / --normal-rows) to at most {first}")
     else:
         bounds = _walk_forward_bounds(n, spec)
+    # A window's anchor is its first target row; the targets lie inside the part, the inputs may reach back.
+    if split == "group":
+        anchors = _anchors(segments, (0, n), window, horizon, 0, spec.stride)
+        parts, train_rows, places = _group_split(spec, str(path), groups, anchors, None, 1)
+    else:
+        parts = [_anchors(segments, b, window, horizon, 0, s) for b, s in zip(bounds, strides, strict=True)]
+        train_rows, places = slice(0, bounds[0][1]), [f"rows {lo}-{hi - 1}" for lo, hi in bounds]
     splits = []
-    for k, (lo, hi) in enumerate(bounds):
-        # Each window's targets lie inside the part; its inputs may reach back into the past.
-        first = max(lo, window)
-        stride = 1 if (task == "anomaly" and k == 2) else spec.stride  # score every test point
-        rows_t = np.arange(first, hi - horizon + 1, stride)
-        starts = rows_t - window
+    for rows_t in parts:
         y = np.stack([t_col[rows_t + j] for j in range(horizon)], 1).astype(np.float32)
         naive = np.repeat(t_col[rows_t - 1][:, None], horizon, 1).astype(np.float32)
         truth = truth_all[rows_t] if truth_all is not None else None
-        splits.append(Split(x=_gather(series, starts, window), y=y, row=rows_t, naive=naive, truth=truth))
-    _check_splits(path, splits, bounds, window + horizon)
-    train_rows = series[: bounds[0][1]]
-    norm = Normalizer.fit(train_rows, spec.norm)
+        splits.append(Split(x=_gather(series, rows_t - window, window), y=y, row=rows_t, naive=naive, truth=truth))
+    _check_splits(path, splits, places, window + horizon, len(segments) > 1)
+    norm = Normalizer.fit(series[train_rows], spec.norm)
     if target in features:
         i = features.index(target)
         target_norm = Normalizer(norm.kind, norm.offset[i:i + 1].copy(), norm.scale[i:i + 1].copy())
     else:
-        target_norm = Normalizer.fit(t_col[: bounds[0][1], None], spec.norm)
+        target_norm = Normalizer.fit(t_col[train_rows, None], spec.norm)
     meta = {"normal_rows": bounds[1][1]} if task == "anomaly" else {}
     return Dataset(spec, task, features, [target], None, norm, target_norm, *splits, meta=meta)
+
+
+def _series_split(spec: DataSpec, path: Path) -> str:
+    """The split a CSV series gets: auto is group with a group column, else walk-forward."""
+    split = spec.split
+    if split == "auto":
+        split = "group" if spec.group and spec.task != "anomaly" else "walk-forward"
+    if split == "stratified":
+        raise DataError(f"{path}: split = \"stratified\" is for independent NPZ windows; the overlapping windows "
+                        "of a CSV series would share rows across parts: use split = \"walk-forward\" or \"group\"")
+    if split == "group" and not spec.group:
+        raise DataError(f"{path}: split = \"group\" needs the column of groups, e.g. subjects "
+                        "([data] group / --group)")
+    if split == "group" and spec.task == "anomaly":
+        raise DataError(f"{path}: split = \"group\" does not apply to anomaly detection, which trains on the "
+                        "known-normal prefix (normal_rows); use recording to keep windows inside one recording")
+    return split
+
+
+def _segments(n: int, keys: list[list[str]]) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) over which every key column keeps its value (one range without keys)."""
+    cuts = np.unique(np.concatenate([np.zeros(0, np.int64)] + [np.flatnonzero(k[1:] != k[:-1]) + 1
+                                                               for k in map(np.asarray, keys)]))
+    edges = [0, *cuts.tolist(), n]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def _anchors(segments: list[tuple[int, int]], part: tuple[int, int], before: int, after: int, own: int,
+             stride: int) -> np.ndarray:
+    """Anchor rows r of windows covering rows [r - before, r + after) inside one segment, with rows
+    [r - own, r + after) inside ``part``; every ``stride``-th from the first in each segment."""
+    lo, hi = part
+    found = [np.arange(max(slo + before, lo + own), min(shi, hi) - after + 1, stride) for slo, shi in segments]
+    return np.concatenate([np.zeros(0, np.int64), *found]).astype(np.int64)
+
+
+def _group_split(spec: DataSpec, where: str, groups: np.ndarray, anchors: np.ndarray, labels: np.ndarray | None,
+                 n_classes: int) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    """The anchors of the train, validation and test parts, the training rows (a mask), and the parts' names."""
+    if not len(anchors):
+        raise DataError(f"{where}: no recording or group is long enough for one window; use a shorter --window")
+    names, inverse = np.unique(groups[anchors], return_inverse=True)
+    part = _deal_groups(names, inverse, labels, n_classes, [spec.val_fraction, spec.test_fraction],
+                        np.random.default_rng(spec.seed), where)
+    parts = [anchors[part[inverse] == k] for k in range(3)]
+    train_rows = np.isin(groups, names[part == 0])
+    return parts, train_rows, [f"{int((part == k).sum())} groups" for k in range(3)]
+
+
+def _deal_groups(names: np.ndarray, inverse: np.ndarray, labels: np.ndarray | None, n_classes: int,
+                 fractions: list[float], rng: np.random.Generator, where: str) -> np.ndarray:
+    """The part of every group: 0 (training), or k for the held-out part of ``fractions[k - 1]``.
+
+    Each held-out part gets round(fraction x groups) groups, at least one, and training the rest (at least one).
+    Groups are dealt by number, not by size. Of up to GROUP_DEALS seeded random deals, the first in which every
+    class has a window in every part is kept; if none has that, the deal whose training part holds the most
+    classes, then the most (part, class) pairs. ``inverse`` maps windows to groups; ``labels`` are their classes
+    (None: no classes to balance).
+    """
+    count = len(names)
+    sizes = [max(1, int(round(count * f))) for f in fractions]
+    if count - sum(sizes) < 1:
+        raise DataError(f"{where}: {count} groups are too few to split into training, validation and test by "
+                        f"group; each part needs one (more groups, or split = \"walk-forward\")")
+    present = np.zeros((count, n_classes), dtype=bool)
+    present[inverse, labels if labels is not None else 0] = True
+    best, best_score = np.zeros(count, np.int64), (-1, -1)
+    for _ in range(GROUP_DEALS):
+        order, part = rng.permutation(count), np.zeros(count, np.int64)
+        for k, end in enumerate(np.cumsum(sizes), 1):
+            part[order[end - sizes[k - 1]:end]] = k
+        cover = [present[part == k].any(axis=0).sum() for k in range(len(sizes) + 1)]
+        score = (cover[0], sum(cover))
+        if score > best_score:
+            best, best_score = part, score
+        if score[1] == n_classes * len(cover):
+            break
+    return best
+
+
+def _check_training_classes(where: str, classes: list[str], splits: list[Split], split: str) -> None:
+    """Refuse a split whose training part lacks a class: the model could never predict it."""
+    train, val, test = (np.bincount(s.y, minlength=len(classes)) for s in splits)
+    missing = np.flatnonzero(train == 0)
+    if not len(missing):
+        return
+    c = int(missing[0])
+    fix = ("a later class needs rows in the training part: split by groups ([data] group and split = \"group\" / "
+           "--group COLUMN --split group) or lower val_fraction/test_fraction" if split == "walk-forward" else
+           "change [data] seed / --seed or the fractions, or give more groups or windows of that class")
+    raise DataError(f"{where}: class {classes[c]!r} has no window in the training part ({val[c]} in validation, "
+                    f"{test[c]} in test); {fix}")
 
 
 def _check_length(path: Path, n: int, need: int, window: int) -> None:
@@ -386,11 +513,12 @@ def _walk_forward_bounds(n: int, spec: DataSpec) -> list[tuple[int, int]]:
     return [(0, a), (a, b), (b, n)]
 
 
-def _check_splits(path: Path, splits: list[Split], bounds: list[tuple[int, int]], need: int) -> None:
-    for name, split, (lo, hi) in zip(("training", "validation", "test"), splits, bounds, strict=True):
+def _check_splits(path: Path, splits: list[Split], places: list[str], need: int, segmented: bool) -> None:
+    inside = " inside one recording" if segmented else ""
+    for name, split, place in zip(("training", "validation", "test"), splits, places, strict=True):
         if len(split) == 0:
-            raise DataError(f"{path}: the {name} part (rows {lo}-{hi - 1}) is shorter than one window"
-                            f" ({need} rows); use a shorter --window or more data")
+            raise DataError(f"{path}: the {name} part ({place}) holds no whole window of {need} rows{inside}; "
+                            "use a shorter --window or more data")
 
 
 def _gather(series: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
@@ -427,33 +555,24 @@ def _natural_key(s: str) -> tuple[int, float, str]:
 
 
 def _load_npz(spec: DataSpec, path: Path) -> Dataset:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"{path}: not a readable NPZ file ({e})") from None
-    if "X_train" in arrays:
-        names = {"X_train", "y_train", "X_test", "y_test"}
-    else:
-        names = {"X", "y"}
-    missing = sorted(names - arrays.keys())
+    if spec.recording or spec.group:
+        raise DataError(f"{path}: recording and group name CSV columns; an NPZ gives each window's group in a "
+                        "`groups` array instead")
+    arrays = _read_npz(path)
+    main = "X_train" if "X_train" in arrays else "X"
+    names = {"train": (main, "y" + main[1:], "lengths")}
+    for part in ("val", "test"):
+        if f"X_{part}" in arrays or f"y_{part}" in arrays:
+            names[part] = (f"X_{part}", f"y_{part}", f"lengths_{part}")
+    missing = sorted({key for xk, yk, _ in names.values() for key in (xk, yk)} - arrays.keys())
     if missing:
-        raise DataError(f"{path}: array(s) {', '.join(missing)} missing; expected X and y,"
-                        " or X_train, y_train, X_test and y_test")
-    parts = {}
-    for key in sorted(names):
-        a = arrays[key]
-        if key.startswith("X"):
-            if a.ndim != 3:
-                raise DataError(f"{path}: {key} has shape {list(a.shape)}; expected [N, T, F] or [N, F, T]")
-            if not np.issubdtype(a.dtype, np.number):
-                raise DataError(f"{path}: {key} has non-numeric dtype {a.dtype}")
-            a = _to_ntf(a, spec, path, key)
-            a = np.stack([fill_missing(w, [f"feature {i}" for i in range(a.shape[2])], spec.fillna,
-                                       f"{path}: {key} window {n}") for n, w in enumerate(a)])
-        parts[key] = a
+        raise DataError(f"{path}: array(s) {', '.join(missing)} missing; expected X and y (or X_train and y_train),"
+                        " optionally with X_val and y_val, X_test and y_test")
+    xs = {part: _npz_windows(spec, path, arrays, xk, lk) for part, (xk, _, lk) in names.items()}
+    for part, (xk, yk, _) in names.items():
+        _check_pairs(path, xs[part], arrays[yk], xk, yk)
     stored = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
-    all_y = np.concatenate([parts[k] for k in sorted(names) if k.startswith("y")])
+    all_y = np.concatenate([arrays[yk] for _, yk, _ in names.values()])
     if stored is not None and np.issubdtype(all_y.dtype, np.integer):
         if all_y.min() < 0 or all_y.max() >= len(stored):
             raise DataError(f"{path}: labels must index the {len(stored)} classes")
@@ -469,33 +588,90 @@ def _load_npz(spec: DataSpec, path: Path) -> Dataset:
             return y.astype(np.int64)
         return np.array([classes.index(str(v)) for v in y], dtype=np.int64)
 
+    ys = {part: encode(arrays[yk]) for part, (_, yk, _) in names.items()}
+    split, held = _npz_split(spec, path, arrays, main), [p for p in ("test", "val") if p not in names]
     rng = np.random.default_rng(spec.seed)
-    if "X_train" in parts:
-        x_tr, y_tr = parts["X_train"], encode(parts["y_train"])
-        test = Split(x=parts["X_test"].astype(np.float32), y=encode(parts["y_test"]))
-    else:
-        x_all, y_all = parts["X"], encode(parts["y"])
-        _check_pairs(path, x_all, y_all, "X", "y")
-        tr, te = _stratified(y_all, spec.test_fraction, rng)
-        x_tr, y_tr = x_all[tr], y_all[tr]
-        test = Split(x=x_all[te].astype(np.float32), y=y_all[te])
-    _check_pairs(path, x_tr, y_tr, "X_train", "y_train")
-    _check_pairs(path, test.x, test.y, "X_test", "y_test")
-    tr, va = _stratified(y_tr, spec.val_fraction, rng)
-    train = Split(x=x_tr[tr].astype(np.float32), y=y_tr[tr])
-    val = Split(x=x_tr[va].astype(np.float32), y=y_tr[va])
+    fractions = {"val": spec.val_fraction, "test": spec.test_fraction}
+    if split == "group" and held:
+        groups = np.asarray(arrays["groups"])
+        if groups.shape != ys["train"].shape:
+            raise DataError(f"{path}: groups has shape {list(groups.shape)}; it needs one group per window of "
+                            f"{main} ({len(ys['train'])})")
+        group_names, inverse = np.unique(groups.astype(str), return_inverse=True)
+        part = _deal_groups(group_names, inverse, ys["train"], len(classes), [fractions[p] for p in held], rng,
+                            f"{path}: groups")[inverse]
+        take = {p: np.flatnonzero(part == k) for k, p in enumerate(["train", *held])}
+    else:  # stratified: the test part first, then validation from the rest
+        take, remaining = {}, np.arange(len(ys["train"]))
+        for p in held:
+            keep, out = _stratified(ys["train"][remaining], fractions[p], rng)
+            take[p], remaining = remaining[out], remaining[keep]
+        take["train"] = remaining
+    parts = {p: Split(x=xs[p].astype(np.float32), y=ys[p]) for p in names if p != "train"}
+    parts.update({p: Split(x=xs["train"][idx].astype(np.float32), y=ys["train"][idx]) for p, idx in take.items()})
+    train, val, test = parts["train"], parts["val"], parts["test"]
     if len(train) == 0 or len(val) == 0 or len(test) == 0:
         raise DataError(f"{path}: too few windows for a training, validation and test split")
+    _check_training_classes(str(path), classes, [train, val, test], split)
     norm = Normalizer.fit(train.x, spec.norm)
     features = [f"feature {i}" for i in range(train.x.shape[2])]
     return Dataset(spec, "classification", features, [], classes, norm, None, train, val, test)
 
 
-def _to_ntf(a: np.ndarray, spec: DataSpec, path: Path, key: str) -> np.ndarray:
-    layout = spec.layout
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a readable NPZ file ({e})") from None
+
+
+def _npz_split(spec: DataSpec, path: Path, arrays: dict[str, np.ndarray], main: str) -> str:
+    """The split NPZ windows get: auto is group with a groups array, else stratified."""
+    split = spec.split
+    if split == "auto":
+        split = "group" if "groups" in arrays else "stratified"
+    if split == "walk-forward":
+        raise DataError(f"{path}: split = \"walk-forward\" is for a CSV series; NPZ windows are split "
+                        "\"stratified\" or by \"group\" (with a groups array)")
+    if split == "group" and "groups" not in arrays:
+        raise DataError(f"{path}: split = \"group\" needs a `groups` array in the NPZ, one group per window of {main}")
+    return split
+
+
+def _npz_windows(spec: DataSpec, path: Path, arrays: dict[str, np.ndarray], key: str, lengths: str) -> np.ndarray:
+    """The windows of array ``key`` as [N, T, F], padded as ``lengths`` says, NaN/inf checked or filled."""
+    a = arrays[key]
+    if a.ndim != 3:
+        raise DataError(f"{path}: {key} has shape {list(a.shape)}; expected [N, T, F] or [N, F, T]")
+    if not np.issubdtype(a.dtype, np.number):
+        raise DataError(f"{path}: {key} has non-numeric dtype {a.dtype}")
+    a = _to_ntf(a, spec.layout, spec.window, path, key)
+    if lengths in arrays:
+        a = _pad_front(a, arrays[lengths], path, lengths)
+    return np.stack([fill_missing(w, [f"feature {i}" for i in range(a.shape[2])], spec.fillna,
+                                  f"{path}: {key} window {n}") for n, w in enumerate(a)])
+
+
+def _pad_front(a: np.ndarray, lengths: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """Windows of recordings shorter than T steps: window n holds ``lengths[n]`` valid steps at its start, then
+    padding. The padding is dropped, the valid steps move to the end of the window, and the front is filled with
+    the first valid step repeated: the model reads its state after the last step, and the device runs all T."""
+    lengths = np.asarray(lengths)
+    steps = a.shape[1]
+    if lengths.shape != (len(a),) or not np.issubdtype(lengths.dtype, np.integer):
+        raise DataError(f"{path}: {key} must hold one whole number per window ({len(a)}); it has shape "
+                        f"{list(lengths.shape)} and dtype {lengths.dtype}")
+    bad = np.flatnonzero((lengths < 1) | (lengths > steps))
+    if len(bad):
+        raise DataError(f"{path}: {key}[{bad[0]}] = {lengths[bad[0]]}; a window's valid steps are 1 to {steps}")
+    return np.stack([np.concatenate([np.repeat(w[:1], steps - n, 0), w[:n]]) for w, n in zip(a, lengths, strict=True)])
+
+
+def _to_ntf(a: np.ndarray, layout: str, window: int | None, path: Path, key: str) -> np.ndarray:
     if layout == "auto":
-        if spec.window is not None and a.shape[1] != a.shape[2] and spec.window in a.shape[1:]:
-            layout = "NTF" if a.shape[1] == spec.window else "NFT"
+        if window is not None and a.shape[1] != a.shape[2] and window in a.shape[1:]:
+            layout = "NTF" if a.shape[1] == window else "NFT"
         elif a.shape[1] == a.shape[2]:
             raise DataError(f"{path}: {key} is {list(a.shape)}: cannot tell time from features; pass --layout NTF|NFT")
         else:  # fewer features than time steps is the usual case
@@ -503,8 +679,10 @@ def _to_ntf(a: np.ndarray, spec: DataSpec, path: Path, key: str) -> np.ndarray:
     if layout not in ("NTF", "NFT"):
         raise DataError(f"unknown layout {layout!r}; choose NTF, NFT or auto")
     a = a.transpose(0, 2, 1) if layout == "NFT" else a
-    if spec.window is not None and a.shape[1] != spec.window:
-        raise DataError(f"{path}: {key} windows have {a.shape[1]} steps, not --window {spec.window}")
+    if window is not None and a.shape[1] != window:
+        raise DataError(f"{path}: {key} windows have {a.shape[1]} steps but the window is set to {window} "
+                        f"([data] window in a project, --window on the command line); set it to {a.shape[1]} "
+                        "or leave it unset")
     return a
 
 
@@ -522,3 +700,63 @@ def _stratified(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tup
         held.extend(idx[:k])
         keep.extend(idx[k:])
     return np.sort(np.array(keep, dtype=np.int64)), np.sort(np.array(held, dtype=np.int64))
+
+
+def check_class_weight(task: str, how: str) -> None:
+    """Class weights exist for classification only."""
+    if how not in CLASS_WEIGHTS:
+        raise DataError(f"unknown class_weight {how!r}; choose one of {', '.join(CLASS_WEIGHTS)}")
+    if how != "none" and task != "classification":
+        raise DataError(f"class_weight = {how!r} ([train] class_weight / --class-weight) weights the classes of a "
+                        f"classification task; this is a {task} task: use \"none\"")
+
+
+# ------------------------------------------------------------------------------------------ first look (init)
+
+
+@dataclass
+class SourceSummary:
+    """What ``tinylstm init`` learns from a data file: a CSV's columns and their likely roles, an NPZ's window."""
+
+    columns: list[str] = field(default_factory=list)
+    features: list[str] = field(default_factory=list)  # numeric columns that are neither the label nor id-like
+    label: str | None = None  # the likely class column: a usual name, else the first non-numeric column
+    ids: list[str] = field(default_factory=list)  # columns that look like recording or subject ids
+    window: int | None = None  # NPZ: its window length (None when time and features cannot be told apart)
+
+
+def inspect_source(path: Path) -> SourceSummary:
+    """Look at a CSV's columns or an NPZ's windows to fill in a project config."""
+    if path.suffix.lower() == ".npz":
+        arrays = _read_npz(path)
+        key = "X_train" if "X_train" in arrays else "X"
+        if key not in arrays or arrays[key].ndim != 3:
+            raise DataError(f"{path}: expected windows X (or X_train) of shape [N, T, F] or [N, F, T]")
+        try:
+            return SourceSummary(window=_to_ntf(arrays[key], "auto", None, path, key).shape[1])
+        except DataError:
+            return SourceSummary()
+    header, rows = read_csv(path)
+    numeric = {}
+    for i, name in enumerate(header):
+        try:
+            numeric[name] = _numeric_column(path, rows, i, name)
+        except DataError:
+            continue
+    label = next((h for h in header if h.lower() in LABEL_NAMES), None) or \
+        next((h for h in header if h not in numeric), None)
+    ids = [h for h in header if h != label and looks_like_id(h, numeric.get(h))]
+    features = [h for h in header if h in numeric and h != label and h not in ids]
+    return SourceSummary(columns=header, features=features, label=label, ids=ids)
+
+
+def looks_like_id(name: str, values: np.ndarray | None) -> bool:
+    """A column that names recordings or subjects rather than measuring something: an id-like name (subject, rec,
+    session, user, ..._id), or whole numbers that hold their value over runs of ID_RUN rows or more on average."""
+    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower())
+    if any(w in ID_WORDS or w.rstrip("s") in ID_WORDS or (w.endswith("id") and w[:-2] in ID_WORDS) for w in words):
+        return True
+    if values is None or not np.isfinite(values).all() or not np.array_equal(values, np.round(values)):
+        return False
+    runs = 1 + int(np.count_nonzero(values[1:] != values[:-1]))
+    return runs > 1 and len(values) / runs >= ID_RUN

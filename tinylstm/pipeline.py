@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from tinylstm import __version__
-from tinylstm.data import FILLNA, NORMS, TASKS
+from tinylstm.data import CLASS_WEIGHTS, DATASETS, FILLNA, NORMS, SPLITS, TASKS, DataError, check_class_weight
 from tinylstm.qmodel import MAX_LAYERS
 from tinylstm.report import bit_exact, build_label, device_figure, headline, sample_text
 from tinylstm.sampling import SAMPLES, labelled_events, take
@@ -45,14 +45,15 @@ _UNSET = object()
 SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     "data": {"path": (str, None), "dataset": (str, None), "features": (list, None), "window": (int, None),
              "stride": (int, 1), "norm": (str, "zscore"), "fillna": (str, "none"), "val_fraction": (float, 0.15),
-             "test_fraction": (float, 0.15), "layout": (str, "auto"), "seed": (int, 0),
-             "sample_rate_hz": (float, None)},
+             "test_fraction": (float, 0.15), "layout": (str, "auto"), "seed": (int, 0), "recording": (str, None),
+             "group": (str, None), "split": (str, "auto"), "sample_rate_hz": (float, None)},
     "task": {"kind": (str, None), "label": (str, None), "target": (str, None), "horizon": (int, 1),
              "normal_rows": (int, None), "threshold_margin": (float, 1.5)},
     "model": {"name": (str, None), "hidden": (list, [32])},
     "train": {"epochs": (int, 200), "lr": (float, 3e-3), "batch_size": (int, 32), "patience": (int, 50),
               "lr_patience": (int, 10), "optimizer": (str, "adam"), "weight_decay": (float, 0.0),
-              "clip_norm": (float, 1.0), "schedule": (str, "plateau"), "seed": (int, 0), "threads": (int, 1)},
+              "clip_norm": (float, 1.0), "schedule": (str, "plateau"), "seed": (int, 0), "threads": (int, 1),
+              "class_weight": (str, "none")},
     "quantization": {"calibration": (str, "minmax"), "percentile": (float, 99.9), "per_channel": (bool, False),
                      "qat_epochs": (int, 0), "qat_lr": (float, 1e-3)},
     "board": {"name": (str, _UNSET), "build": (bool, True)},
@@ -100,12 +101,14 @@ _SHARE = ((lambda v: 0 < v < 1), "between 0 and 1 (exclusive)")
 RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {
     "data": {"window": _at_least(1), "stride": _at_least(1), "norm": _one_of(*NORMS), "fillna": _one_of(*FILLNA),
              "val_fraction": _SHARE,
-             "test_fraction": _SHARE, "layout": _one_of("auto", "NTF", "NFT"), "sample_rate_hz": _POSITIVE},
+             "test_fraction": _SHARE, "layout": _one_of("auto", "NTF", "NFT"), "split": _one_of(*SPLITS),
+             "sample_rate_hz": _POSITIVE},
     "task": {"kind": _one_of(*TASKS), "horizon": _at_least(1),
              "normal_rows": _at_least(1), "threshold_margin": _POSITIVE},
     "train": {"epochs": _at_least(1), "lr": _POSITIVE, "batch_size": _at_least(1), "patience": _at_least(1),
               "lr_patience": _at_least(1), "optimizer": _one_of("adam", "adamw"), "weight_decay": _at_least(0),
-              "clip_norm": _POSITIVE, "schedule": _one_of("plateau", "cosine"), "threads": _at_least(1)},
+              "clip_norm": _POSITIVE, "schedule": _one_of("plateau", "cosine"), "threads": _at_least(1),
+              "class_weight": _one_of(*CLASS_WEIGHTS)},
     "quantization": {"calibration": _one_of("minmax", "percentile"),
                      "percentile": ((lambda v: 50 < v <= 100), "in (50, 100]"), "qat_epochs": _at_least(0),
                      "qat_lr": _POSITIVE},
@@ -204,6 +207,12 @@ def make_config(raw: dict[str, Any], command: str, base_dir: Path = Path(".")) -
         raise PipelineError(f"[model] hidden lists {len(model['hidden'])} layers; 1 to {MAX_LAYERS} are supported")
     if data["features"] is not None and not all(isinstance(f, str) for f in data["features"]):
         raise PipelineError("[data] features must be a list of column names")
+    kind = sections["task"]["kind"] or DATASETS.get(data["dataset"], {}).get("task")
+    try:
+        if kind is not None:
+            check_class_weight(kind, sections["train"]["class_weight"])
+    except DataError as e:
+        raise PipelineError(str(e)) from None
     return Config(sections, command)
 
 
@@ -254,18 +263,22 @@ EXAMPLE_CONFIG = """\
 [data]
 {data_line}
 # dataset = "basic_motions"     # or a bundled set instead: basic_motions, taylor_demand, kdd_tsad_135
-# features = ["ax", "ay", "az"] # input columns (default: every column but the label/target)
-window = 50                     # time steps per window
+{features}
+{window}
 stride = 1                      # steps between window starts
 norm = "zscore"                 # zscore | minmax | none (fitted on the training part only)
 fillna = "none"                 # none (refuse NaN/inf) | ffill | linear | zero
-val_fraction = 0.15             # series are split walk-forward: train, then validation, then test
+{recording}
+{group}
+split = "auto"                  # auto | walk-forward | group | stratified (auto: group when groups are given,
+                                # else walk-forward for a CSV series, stratified for NPZ windows)
+val_fraction = 0.15             # walk-forward: train, then validation, then test rows; group: shares of groups
 test_fraction = 0.15
 # sample_rate_hz = 100          # the sensor's rate: the planner checks one model step per sample keeps up
 
 [task]
 kind = "classification"         # classification | forecasting | anomaly
-label = "label"                 # classification: the class column (anomaly: optional ground truth)
+{label}
 # target = "temperature"        # forecasting / anomaly: the column to predict
 # horizon = 1                   # forecasting: steps ahead
 # normal_rows = 1000            # anomaly: rows known to be normal at the start (train + calibration)
@@ -280,6 +293,7 @@ lr = 0.003
 batch_size = 32
 patience = 50                   # early stopping on the validation loss
 schedule = "plateau"            # plateau (early stopping, best weights) | cosine (fixed budget, last weights)
+class_weight = "none"           # none | balanced (classification: weight each class by n / (classes x its count))
 seed = 0
 
 [quantization]
@@ -299,12 +313,36 @@ sample = "stratified"           # stratified (seeded; every class, every labelle
 """
 
 
-def example_config(name: str = "tinylstm.toml", data: str | None = None, columns: list[str] | None = None) -> str:
-    """The commented example config ``tinylstm init`` writes; ``data`` fills in the path of your CSV."""
-    data_line = f"path = {json.dumps(data or 'my_sensor_log.csv')}    # your CSV (one row per time step) or NPZ"
-    if columns:
-        data_line += f"\n# columns in {data}: {', '.join(columns)}"
-    return EXAMPLE_CONFIG.format(name=name, data_line=data_line)
+def example_config(name: str = "tinylstm.toml", data: str | None = None, source: Any = None) -> str:
+    """The commented example config ``tinylstm init`` writes; ``data`` is the path of your CSV or NPZ and
+    ``source`` the tinylstm.data.SourceSummary of it: its feature columns, label and ids, or its window length."""
+    def line(setting: str, comment: str) -> str:
+        return f"{setting:<31} # {comment}"
+
+    data_line = line(f"path = {json.dumps(data or 'my_sensor_log.csv')}", "your CSV (one row per time step) or NPZ")
+    features = line('# features = ["ax", "ay", "az"]', "input columns (default: all but label, group, recording)")
+    window = line("window = 50", "time steps per window")
+    label = "label"
+    ids = source.ids if source is not None else []
+    if source is not None and source.columns:
+        data_line += f"\n# columns in {data}: {', '.join(source.columns)}"
+        if ids:
+            data_line += f"\n# {', '.join(ids)}: look like ids, so they are not features (see recording, group)"
+        features = line("features = [", "input columns, one per line") + "\n" + \
+            "".join(f"    {json.dumps(f)},\n" for f in source.features) + "]"
+        label = source.label or label
+    label_line = line(f"label = {json.dumps(label)}", "classification: the class column (anomaly: optional "
+                      "ground truth)")
+    if source is not None and not source.columns:  # an NPZ brings its classes and its window length
+        label_line = line("# label = \"label\"", "not used: the NPZ's y holds the classes")
+        if source.window:
+            window = line(f"window = {source.window}", "time steps per window: the NPZ's own")
+    recording = line(f"# recording = {json.dumps(ids[-1] if ids else 'rec')}",
+                     "CSV: a column that changes between recordings; no window crosses a change")
+    group = line(f"# group = {json.dumps(ids[0] if ids else 'subject')}",
+                 "CSV: a column of groups (e.g. subjects); each part then holds whole groups")
+    return EXAMPLE_CONFIG.format(name=name, data_line=data_line, features=features, window=window, label=label_line,
+                                 recording=recording, group=group)
 
 
 # --------------------------------------------------------------------------------------------- reporting
@@ -428,7 +466,8 @@ class Context:
                   "label": task["label"], "window": data["window"], "stride": data["stride"],
                   "horizon": task["horizon"], "norm": data["norm"], "fillna": data["fillna"],
                   "val_fraction": data["val_fraction"], "test_fraction": data["test_fraction"],
-                  "normal_rows": task["normal_rows"], "layout": data["layout"], "seed": data["seed"]}
+                  "normal_rows": task["normal_rows"], "layout": data["layout"], "seed": data["seed"],
+                  "recording": data["recording"], "group": data["group"], "split": data["split"]}
         if data["dataset"] is not None:
             return DataSpec.for_dataset(data["dataset"], **fields)
         return DataSpec(path=data["path"], **{k: v for k, v in fields.items() if v is not None})
@@ -513,7 +552,8 @@ def stage_train(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
     t = ctx.config["train"]
     config = tr.TrainConfig(epochs=t["epochs"], lr=t["lr"], batch_size=t["batch_size"], patience=t["patience"],
                             lr_patience=t["lr_patience"], optimizer=t["optimizer"], weight_decay=t["weight_decay"],
-                            clip_norm=t["clip_norm"], schedule=t["schedule"], seed=t["seed"], threads=t["threads"])
+                            clip_norm=t["clip_norm"], schedule=t["schedule"], seed=t["seed"], threads=t["threads"],
+                            class_weight=t["class_weight"])
     ds = ctx.dataset()
     with ctx.reporter.bar(config.epochs, "training") as advance:
         checkpoint, result = tr.train_model(

@@ -333,7 +333,7 @@ def quantize_checkpoint(checkpoint: Checkpoint, config: QuantConfig, *, qat_epoc
             model, dataset, config, TrainConfig(epochs=qat_epochs, lr=qat_lr, batch_size=tc.batch_size,
                                                 patience=qat_epochs, clip_norm=tc.clip_norm, seed=tc.seed,
                                                 threads=tc.threads, optimizer=tc.optimizer,
-                                                schedule=tc.schedule), on_epoch)
+                                                schedule=tc.schedule, class_weight=tc.class_weight), on_epoch)
     qmodel = post_training_quantize(model, dataset, config, name)
     fp32_threshold = int8_threshold = None
     if dataset.task == "anomaly":

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tinylstm import boards, budget, evaluate
-from tinylstm.data import Dataset, DataSpec, Normalizer, load_dataset
+from tinylstm.data import Dataset, DataSpec, Normalizer, check_class_weight, load_dataset
 from tinylstm.export import ModelShape
 
 CHECKPOINT_FORMAT = "tinylstm-checkpoint"
@@ -83,6 +83,7 @@ class TrainConfig:
     lr_factor: float = 0.5
     seed: int = 0
     threads: int = 1
+    class_weight: str = "none"  # "balanced": classification losses weighted by class_weights()
 
 
 @dataclass
@@ -109,8 +110,17 @@ def seed_everything(seed: int, threads: int = 1) -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def loss_function(task: str) -> nn.Module:
-    return nn.CrossEntropyLoss() if task == "classification" else nn.MSELoss()
+def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Balanced class weights: windows / (classes x windows of the class); a class without windows gets 0."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    return np.divide(len(y), n_classes * counts, out=np.zeros(n_classes), where=counts > 0)
+
+
+def loss_function(task: str, weights: np.ndarray | None = None) -> nn.Module:
+    """Cross-entropy (optionally weighted per class) for classification, else mean squared error."""
+    if task != "classification":
+        return nn.MSELoss()
+    return nn.CrossEntropyLoss(weight=None if weights is None else torch.as_tensor(weights, dtype=torch.float32))
 
 
 def tensors(dataset: Dataset, split_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +138,8 @@ def fit(
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train on the training split; with the "plateau" schedule, stop early on the validation loss and restore
-    the best weights, with "cosine", run every epoch and keep the last weights.
+    the best weights, with "cosine", run every epoch and keep the last weights. With class_weight "balanced",
+    the training and validation losses weight each class by the training split's class_weights().
 
     ``forward`` replaces ``model(x)`` (quantization-aware fine-tuning passes a fake-quant forward).
     """
@@ -136,7 +147,9 @@ def fit(
     forward = forward or model
     x_tr, y_tr = tensors(dataset, "train")
     x_va, y_va = tensors(dataset, "val")
-    criterion = loss_function(dataset.task)
+    check_class_weight(dataset.task, config.class_weight)
+    weights = class_weights(dataset.train.y, dataset.outputs) if config.class_weight == "balanced" else None
+    criterion = loss_function(dataset.task, weights)
     opt_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}.get(config.optimizer)
     if opt_class is None:
         raise TrainError(f"unknown optimizer {config.optimizer!r}; choose adam or adamw")
