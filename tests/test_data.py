@@ -222,6 +222,8 @@ def test_group_split_keeps_groups_apart_and_windows_inside_recordings(tmp_path):
     assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
     # 10 groups: round(1.5) = 2 each for validation and test, 6 for training
     assert [len(p) for p in parts] == [6, 2, 2]
+    # the dataset names each part's groups as the windows show them
+    assert [set(d.meta["groups"][k]) for k in ("train", "val", "test")] == parts
     # the normaliser saw the training subjects' rows only
     train_rows = np.flatnonzero(np.isin(subject, list(parts[0])))
     assert d.input_norm.offset[0] == pytest.approx(train_rows.mean())

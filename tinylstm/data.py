@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 TASKS = ("classification", "forecasting", "anomaly")
+PARTS = ("train", "val", "test")  # the splits, in the order the loaders return them
 NORMS = ("zscore", "minmax", "none")
 FILLNA = ("none", "ffill", "linear", "zero")
 # auto: group when groups are given, else walk-forward for a CSV series and stratified for NPZ windows.
@@ -347,16 +348,17 @@ def _load_csv(spec: DataSpec, path: Path) -> Dataset:
         # A window is labelled by its last row (the anchor) and lies wholly inside its part.
         if split == "group":
             anchors = _anchors(segments, (0, n), window - 1, 1, window - 1, spec.stride)
-            parts, train_rows, places = _group_split(spec, str(path), groups, anchors, y_all[anchors], len(classes))
+            parts, train_rows, members = _group_split(spec, str(path), groups, anchors, y_all[anchors], len(classes))
+            places, meta = _group_places(members), {"groups": dict(zip(PARTS, members, strict=True))}
         else:
             bounds = _walk_forward_bounds(n, spec)
             parts = [_anchors(segments, b, window - 1, 1, window - 1, spec.stride) for b in bounds]
-            train_rows, places = slice(*bounds[0]), [f"rows {lo}-{hi - 1}" for lo, hi in bounds]
+            train_rows, places, meta = slice(*bounds[0]), [f"rows {lo}-{hi - 1}" for lo, hi in bounds], {}
         splits = [Split(x=_gather(series, a - window + 1, window), y=y_all[a], row=a) for a in parts]
         _check_splits(path, splits, places, window, len(segments) > 1)
         _check_training_classes(str(path), classes, splits, split)
         norm = Normalizer.fit(series[train_rows], spec.norm)
-        return Dataset(spec, task, features, [], classes, norm, None, *splits)
+        return Dataset(spec, task, features, [], classes, norm, None, *splits, meta=meta)
 
     t_col = _numeric_column(path, rows, header.index(target), target)[:, None]
     t_col = fill_missing(t_col, [target], spec.fillna, str(path))[:, 0]
@@ -385,7 +387,8 @@ def _load_csv(spec: DataSpec, path: Path) -> Dataset:
     # A window's anchor is its first target row; the targets lie inside the part, the inputs may reach back.
     if split == "group":
         anchors = _anchors(segments, (0, n), window, horizon, 0, spec.stride)
-        parts, train_rows, places = _group_split(spec, str(path), groups, anchors, None, 1)
+        parts, train_rows, members = _group_split(spec, str(path), groups, anchors, None, 1)
+        places = _group_places(members)
     else:
         parts = [_anchors(segments, b, window, horizon, 0, s) for b, s in zip(bounds, strides, strict=True)]
         train_rows, places = slice(0, bounds[0][1]), [f"rows {lo}-{hi - 1}" for lo, hi in bounds]
@@ -403,6 +406,8 @@ def _load_csv(spec: DataSpec, path: Path) -> Dataset:
     else:
         target_norm = Normalizer.fit(t_col[train_rows, None], spec.norm)
     meta = {"normal_rows": bounds[1][1]} if task == "anomaly" else {}
+    if split == "group":
+        meta["groups"] = dict(zip(PARTS, members, strict=True))
     return Dataset(spec, task, features, [target], None, norm, target_norm, *splits, meta=meta)
 
 
@@ -440,9 +445,14 @@ def _anchors(segments: list[tuple[int, int]], part: tuple[int, int], before: int
     return np.concatenate([np.zeros(0, np.int64), *found]).astype(np.int64)
 
 
+def _group_places(members: list[list[str]]) -> list[str]:
+    """How an error names each part of a group split: by its groups."""
+    return [f"groups {', '.join(m)}" for m in members]
+
+
 def _group_split(spec: DataSpec, where: str, groups: np.ndarray, anchors: np.ndarray, labels: np.ndarray | None,
-                 n_classes: int) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
-    """The anchors of the train, validation and test parts, the training rows (a mask), and the parts' names."""
+                 n_classes: int) -> tuple[list[np.ndarray], np.ndarray, list[list[str]]]:
+    """The anchors of the train, validation and test parts, the training rows (a mask), and each part's groups."""
     if not len(anchors):
         raise DataError(f"{where}: no recording or group is long enough for one window; use a shorter --window")
     names, inverse = np.unique(groups[anchors], return_inverse=True)
@@ -450,7 +460,7 @@ def _group_split(spec: DataSpec, where: str, groups: np.ndarray, anchors: np.nda
                         np.random.default_rng(spec.seed), where)
     parts = [anchors[part[inverse] == k] for k in range(3)]
     train_rows = np.isin(groups, names[part == 0])
-    return parts, train_rows, [f"{int((part == k).sum())} groups" for k in range(3)]
+    return parts, train_rows, [sorted(names[part == k].tolist(), key=_natural_key) for k in range(3)]
 
 
 def _deal_groups(names: np.ndarray, inverse: np.ndarray, labels: np.ndarray | None, n_classes: int,

@@ -515,12 +515,15 @@ def stage_data(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
                "features": ds.feature_names, "targets": ds.target_names, "classes": ds.classes,
                "window": ds.window, "input_size": ds.features, "outputs": ds.outputs,
                "windows": {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test)},
-               "spec": ds.spec.to_dict()}
+               "groups": ds.meta.get("groups"), "spec": ds.spec.to_dict()}
     write_json(out / "summary.json", summary)
     w = summary["windows"]
     what = f"{len(ds.classes)} classes" if ds.classes else f"target {', '.join(ds.target_names)}"
-    return summary, (f"{source.name}: {ds.task}, windows {ds.window} x {ds.features}, {what}; "
-                     f"train/val/test {w['train']}/{w['val']}/{w['test']}")
+    line = (f"{source.name}: {ds.task}, windows {ds.window} x {ds.features}, {what}; "
+            f"train/val/test {w['train']}/{w['val']}/{w['test']}")
+    if summary["groups"]:
+        line += "; groups " + " / ".join(", ".join(summary["groups"][part]) for part in ("train", "val", "test"))
+    return summary, line
 
 
 def stage_plan(ctx: Context, out: Path) -> tuple[dict[str, Any], str]:
