@@ -11,10 +11,12 @@ A plan takes microseconds, so sweeps can call it freely.
 
 Given the sensor's sample rate, the plan also checks time: the deployed firmware runs one LSTM step per sample
 (the Arduino sketch steps on each sample and starts a new window after each output), so every step must finish
-within the sample period. The longest step is the last of a window, which also runs the dense head. Its time
-is the latency cost model's prediction (``tinylstm.costmodel``, fitted per board and kernel) in the board's
-counts, turned into seconds with the board's clock and, for QEMU's instruction counts, the board file's cycles
-per instruction. A board or kernel without calibration leaves the deadline unchecked, with a warning.
+within the sample period. The longest step is the last of a window, which also runs the dense head (and the
+reset after it). Its time is an upper bound: the latency cost model's prediction (``tinylstm.costmodel``, fitted
+per board and kernel) plus the device allowance that hil/deadline_vs_device.py measured for the pair on the HIL
+firmware (a pair without one gets the bare prediction, flagged as an estimate), in the board's counts, turned
+into seconds with the board's clock and, for QEMU's instruction counts, the board file's cycles per instruction.
+A board or kernel without calibration leaves the deadline unchecked, with a warning.
 """
 
 from __future__ import annotations
