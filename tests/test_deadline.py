@@ -9,11 +9,15 @@ board's clock and, for QEMU, the cycles per instruction in its file.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from tests import deadline_bound
 from tinylstm import budget, costmodel
 from tinylstm.boards import BoardError, load_board
 from tinylstm.cli import main
@@ -85,6 +89,42 @@ def test_the_recorded_calibration_also_refuses_and_accepts(name):
     limit = planned.deadline.max_rate_hz
     assert budget.plan(board, SHAPE, sample_rate_hz=limit * 0.5).fits
     assert budget.plan(board, SHAPE, sample_rate_hz=limit * 2).overflowing == ("time",)
+
+
+def test_a_device_allowance_makes_the_step_an_upper_bound():
+    """cost model x (1 + share) + per sample + per output of the head, by hand; the note says so."""
+    allowance = costmodel.Allowance("uno_sim", "avr", 0.25, 500.0, 30.0)
+    cost = costmodel.CostModel(costmodel.parse_measurements(_records()), allowances={("uno_sim", "avr"): allowance})
+    planned = budget.plan(load_board("uno_sim"), SHAPE, sample_rate_hz=100.0, cost=cost)
+    bound = LONGEST * 1.25 + 500 + 30 * 4
+    assert planned.deadline.step_counts == pytest.approx(bound, rel=1e-12)
+    assert planned.deadline.step_seconds == pytest.approx(bound / 16e6, rel=1e-12)
+    assert planned.deadline.upper_bound and "step time" not in planned.estimates
+    assert planned.deadline.note.startswith(f"{bound:,.0f} cycles upper bound: cost model {LONGEST:,.0f} (avr "
+                                            "kernel) + 25% + 500 per sample + 30 per output, measured on the device")
+    assert "longest step (upper bound)" in planned.describe()
+    # Without an allowance for the pair, the step is the cost model's estimate and the plan says so.
+    bare = budget.plan(load_board("uno_sim"), SHAPE, sample_rate_hz=100.0, cost=COST)
+    assert not bare.deadline.upper_bound and "not a bound" in bare.deadline.note and "step time" in bare.estimates
+    assert budget.Deadline.from_dict(planned.deadline.to_dict()) == planned.deadline
+
+
+def test_the_recorded_allowances_cover_both_emulated_kernels():
+    """docs/deadline-allowance.json (hil/deadline_vs_device.py --write) holds an allowance for each board and kernel
+    the script measures; the default calibration applies them."""
+    stored = costmodel.load_allowances()
+    assert set(stored) == set(deadline_bound.PAIRS)
+    assert all(a.share >= 0 and a.per_sample >= 0 and a.per_output >= 0 for a in stored.values())
+    assert all("hil/deadline_vs_device.py" in a.command for a in stored.values())
+    for name in KERNELS:
+        assert budget.plan(load_board(name), SHAPE, sample_rate_hz=1.0).deadline.upper_bound
+
+
+def test_an_unreadable_allowance_file_names_the_fix(tmp_path):
+    path = tmp_path / "allowance.json"
+    path.write_text(json.dumps({"allowances": [{"board": "uno_sim"}]}))
+    with pytest.raises(costmodel.CostModelError, match="rewrite it with that script's --write"):
+        costmodel.load_allowances(path)
 
 
 def test_without_a_sample_rate_nothing_changes():
@@ -219,3 +259,31 @@ def test_a_qemu_board_without_timing_and_a_simavr_board_with_it_are_refused(tmp_
         load_board(_board_file(tmp_path, "mps2_an386", lambda e: e["timing"].update(cycles_per_instruction=0)))
     with pytest.raises(BoardError, match=r"field 'emulator.timing': simavr counts cycles"):
         load_board(_board_file(tmp_path, "uno_sim", lambda e: e.update(timing={"cycles_per_instruction": 1})))
+
+
+# --------------------------------------------------------------------------------------- against the device
+
+
+DEVICE_SEED = int(os.environ.get("TINYLSTM_DEADLINE_SEED", "16"))
+DEVICE_MODELS = 3  # random models per board, with the kernel its firmware builds
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("avr-gcc") is None or shutil.which("arm-none-eabi-gcc") is None,
+                    reason="needs avr-gcc and arm-none-eabi-gcc")
+@pytest.mark.parametrize(("board_name", "variant"), deadline_bound.PAIRS[:2])
+def test_the_plans_step_bounds_the_devices_longest_sample(board_name, variant, tmp_path):
+    """Random models (drawn from a seed the allowance was not measured with; TINYLSTM_DEADLINE_SEED draws others)
+    in the HIL firmware in the emulator: the longest step with the head and the reset after it, as the device
+    counts them, stays within the plan's step."""
+    board = load_board(board_name)
+    rng = np.random.default_rng([DEVICE_SEED, deadline_bound.PAIRS.index((board_name, variant))])
+    cases = [deadline_bound.random_case(rng, board, variant, int(rng.integers(2**31))) for _ in range(DEVICE_MODELS)]
+    for result in deadline_bound.measure_all(cases, tmp_path, DEVICE_SEED):
+        plan = result.case.plan
+        assert plan.deadline.upper_bound and "upper bound" in plan.deadline.note
+        assert result.longest_sample <= plan.deadline.step_counts, (
+            f"{result.case.describe()} (seed {DEVICE_SEED}): the device took {result.longest_sample:,} "
+            f"{result.unit}, over the plan's bound {plan.deadline.step_counts:,.0f}")
+        # The mean step of the worst window (reset and head shared out) is within the bound too.
+        assert result.worst_window_step <= plan.deadline.step_counts

@@ -258,7 +258,7 @@ def _connect(board: Board, url: str, timeout: float, ready_timeout: float, baud:
 
 
 @contextlib.contextmanager
-def _flashed(board: Board, model: QuantizedModel, port: str | None, work_dir: Path, timeout: float,
+def flashed(board: Board, model: QuantizedModel, port: str | None, work_dir: Path, timeout: float,
              ready_timeout: float, baud: int | None, built: dict[str, Any], variant: str | None = None
              ) -> Iterator[hil.HILClient]:
     """A device running a firmware built for ``model`` with the kernel ``variant`` (None: firmware.board_variant):
@@ -311,7 +311,7 @@ def run_bench(models: Sequence[QuantizedModel], board: Board | str, *, port: str
             built: dict[str, Any] = {}
             with contextlib.ExitStack() as per_model:
                 client = shared or per_model.enter_context(
-                    _flashed(board, model, port, Path(work_dir), timeout, ready_timeout, baud, built,
+                    flashed(board, model, port, Path(work_dir), timeout, ready_timeout, baud, built,
                              variant))
                 entry = bench_model(client, model, windows=windows, source=source, seed=seed, sample=sample,
                                     on_progress=on_progress)

@@ -11,10 +11,12 @@ A plan takes microseconds, so sweeps can call it freely.
 
 Given the sensor's sample rate, the plan also checks time: the deployed firmware runs one LSTM step per sample
 (the Arduino sketch steps on each sample and starts a new window after each output), so every step must finish
-within the sample period. The longest step is the last of a window, which also runs the dense head. Its time
-is the latency cost model's prediction (``tinylstm.costmodel``, fitted per board and kernel) in the board's
-counts, turned into seconds with the board's clock and, for QEMU's instruction counts, the board file's cycles
-per instruction. A board or kernel without calibration leaves the deadline unchecked, with a warning.
+within the sample period. The longest step is the last of a window, which also runs the dense head (and the
+reset after it). Its time is an upper bound: the latency cost model's prediction (``tinylstm.costmodel``, fitted
+per board and kernel) plus the device allowance that hil/deadline_vs_device.py measured for the pair on the HIL
+firmware (a pair without one gets the bare prediction, flagged as an estimate), in the board's counts, turned
+into seconds with the board's clock and, for QEMU's instruction counts, the board file's cycles per instruction.
+A board or kernel without calibration leaves the deadline unchecked, with a warning.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class Deadline:
     unit: str | None
     step_seconds: float | None
     note: str  # how counts became time, or why the deadline is not checked
+    upper_bound: bool = False  # the step is the plan's bound of the device's longest sample, not an estimate
 
     @property
     def period(self) -> float:
@@ -164,12 +167,14 @@ class Deadline:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Deadline:
         """The deadline ``to_dict`` wrote (in plan.json and bench.json)."""
-        return cls(d["sample_rate_hz"], d["status"], d["step_counts"], d["unit"], d["step_s"], d["note"])
+        return cls(d["sample_rate_hz"], d["status"], d["step_counts"], d["unit"], d["step_s"], d["note"],
+                   d.get("upper_bound", False))
 
     def to_dict(self) -> dict[str, Any]:
         return {"sample_rate_hz": self.sample_rate_hz, "period_s": self.period, "status": self.status,
                 "step_counts": self.step_counts, "unit": self.unit, "step_s": self.step_seconds,
-                "share": self.share, "max_rate_hz": self.max_rate_hz, "note": self.note}
+                "share": self.share, "max_rate_hz": self.max_rate_hz, "note": self.note,
+                "upper_bound": self.upper_bound}
 
 
 def deadline(board: Board, shape: ModelShape, variant: str, sample_rate_hz: float, margin: float,
@@ -181,13 +186,20 @@ def deadline(board: Board, shape: ModelShape, variant: str, sample_rate_hz: floa
                 "measure it with python -m tinylstm.costmodel calibrate, or time the device")
         return Deadline(sample_rate_hz, UNCHECKED, None, None, None, note)
     est = cost.estimate(board, shape, variant)
-    return timed(board, est.per_step + est.head, est.fit.unit, sample_rate_hz, margin,
-                 f"predicted by the cost model ({variant} kernel)")
+    predicted = est.per_step + est.head
+    allowance = cost.allowances.get((board.name, variant))
+    if allowance is None:
+        return timed(board, predicted, est.fit.unit, sample_rate_hz, margin,
+                     f"predicted by the cost model ({variant} kernel; no device allowance measured, not a bound)")
+    return timed(board, allowance.bound(shape, predicted), est.fit.unit, sample_rate_hz, margin,
+                 f"upper bound: cost model {predicted:,.0f} ({variant} kernel) {allowance.text()}, measured on the "
+                 f"device (docs/{costmodel.DEFAULT_ALLOWANCE.name})", upper_bound=True)
 
 
-def timed(board: Board, counts: float, unit: str, sample_rate_hz: float, margin: float, what: str) -> Deadline:
+def timed(board: Board, counts: float, unit: str, sample_rate_hz: float, margin: float, what: str,
+          upper_bound: bool = False) -> Deadline:
     """The deadline check of a step of ``counts`` in ``unit`` (cycles, instructions or us) on ``board``;
-    ``what`` says where the counts come from (a prediction, a measurement)."""
+    ``what`` says where the counts come from (a prediction, a bound, a measurement)."""
     seconds = board.seconds(counts, unit)
     note = f"{counts:,.0f} {unit} {what}"
     if unit != "us":
@@ -196,7 +208,7 @@ def timed(board: Board, counts: float, unit: str, sample_rate_hz: float, margin:
         note += f", {board.emulator.timing()}"
     period = 1.0 / sample_rate_hz
     status = DOES_NOT_FIT if seconds > period else TIGHT if period - seconds < margin * period else FITS
-    return Deadline(sample_rate_hz, status, counts, unit, seconds, note)
+    return Deadline(sample_rate_hz, status, counts, unit, seconds, note, upper_bound)
 
 
 @dataclass(frozen=True)
@@ -239,6 +251,8 @@ class Plan:
             notes.append("code")
         if self.deadline and self.deadline.unit == "instructions" and self.board.emulator.cpi_estimate:
             notes.append("cycles per instruction")
+        if self.deadline and self.deadline.step_seconds is not None and not self.deadline.upper_bound:
+            notes.append("step time")
         return tuple(notes)
 
     def summary(self) -> str:
@@ -308,7 +322,8 @@ class Plan:
             lines.append(f"  headroom is under the {self.margin:.0%} margin")
         lines.extend(f"warning: {warning}" for warning in self.warnings)
         if self.estimates:
-            lines.append(f"estimates: {', '.join(self.estimates)} (see the board file)")
+            where = " and the TIME section" if "step time" in self.estimates else ""
+            lines.append(f"estimates: {', '.join(self.estimates)} (see the board file{where})")
         return "\n".join(lines)
 
     def _describe_deadline(self, d: Deadline) -> list[str]:
@@ -317,7 +332,8 @@ class Plan:
         if d.step_seconds is None:
             return [*lines, f"  not checked: {d.note}"]
         headroom = d.period - d.step_seconds
-        lines += [f"  {'longest step (predicted)':<32}{duration(d.step_seconds):>10}  ({d.note})",
+        label = "longest step (upper bound)" if d.upper_bound else "longest step (predicted)"
+        lines += [f"  {label:<32}{duration(d.step_seconds):>10}  ({d.note})",
                   f"  {'sample period':<32}{duration(d.period):>10}  ({d.sample_rate_hz:g} Hz)",
                   f"  {'headroom':<32}{('-' if headroom < 0 else '') + duration(abs(headroom)):>10}"
                   f"  ({1 - d.share:.1%})  {d.status}"]

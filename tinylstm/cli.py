@@ -467,7 +467,9 @@ def boards(name: str | None, as_json: bool) -> None:
               help="Kernel variant to plan for (default: the board's fastest, the one its firmware builds).")
 @_SAMPLE_RATE_OPTION
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), multiple=True,
-              help="Latency measurements for the deadline check, repeatable [default: docs/performance.json].")
+              help="Latency measurements for the deadline check, repeatable [default: docs/performance.json]. "
+                   "The device allowance that makes the step an upper bound (docs/deadline-allowance.json) applies "
+                   "to the default only; with other files the step is an estimate.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def plan(board_name: str, input_size: int, hidden: int | None, layers: int, window: int, outputs: int | None,
          per_channel: bool, buffer_window: bool, margin: float, max_hidden: bool, variant: str | None,

@@ -32,6 +32,9 @@ FEATURES = ("macs", "units", "layers")
 # The kernel benchmark suite's results (docs/performance.md): the calibration the planner and the search use.
 DEFAULT_CALIBRATION = Path(__file__).resolve().parents[1] / "docs" / "performance.json"
 REQUIRED_KEYS = ("board", "variant", "input", "hidden", "per_step")
+# How far the HIL firmware's longest sample period (step, head and the reset after them, built as the firmware is)
+# measured above the fit of DEFAULT_CALIBRATION, per board and kernel: written by hil/deadline_vs_device.py --write.
+DEFAULT_ALLOWANCE = Path(__file__).resolve().parents[1] / "docs" / "deadline-allowance.json"
 
 
 class CostModelError(ValueError):
@@ -171,6 +174,56 @@ def fit_group(measurements: Sequence[Measurement]) -> Fit:
 
 
 @dataclass(frozen=True)
+class Allowance:
+    """What the planner adds to the cost model's longest step on one board and kernel to bound the device's longest
+    sample: a share of the prediction, plus fixed counts per sample and per output of the head."""
+
+    board: str
+    variant: str
+    share: float  # 0.1: 10% of the cost model's step and head
+    per_sample: float  # counts
+    per_output: float  # counts per output of the dense head
+    command: str = ""  # the command that measured it
+
+    def fixed(self, shape: ModelShape) -> float:
+        """The fixed part for ``shape``: per sample, and per output of its head."""
+        return self.per_sample + self.per_output * (shape.outputs or 0)
+
+    def bound(self, shape: ModelShape, predicted: float) -> float:
+        """The upper bound of the longest sample, from the cost model's longest step ``predicted``."""
+        return predicted * (1 + self.share) + self.fixed(shape)
+
+    def text(self) -> str:
+        return f"+ {self.share:.0%} + {self.per_sample:,.0f} per sample + {self.per_output:,.0f} per output"
+
+
+ALLOWANCE_KEYS = ("board", "variant", "unit", "models", "max_ratio", "share", "per_sample", "per_output")
+
+
+def load_allowances(path: str | Path = DEFAULT_ALLOWANCE) -> dict[tuple[str, str], Allowance]:
+    """The allowances of a file hil/deadline_vs_device.py wrote, by (board, variant)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+        return {(a["board"], a["variant"]): Allowance(str(a["board"]), str(a["variant"]), float(a["share"]),
+                                                      float(a["per_sample"]), float(a["per_output"]),
+                                                      str(doc["command"]))
+                for a in doc["allowances"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CostModelError(f"{path}: not an allowance file of hil/deadline_vs_device.py ({e!r}); "
+                             "rewrite it with that script's --write") from None
+
+
+def write_allowances(rows: Sequence[dict[str, Any]], command: str, path: Path = DEFAULT_ALLOWANCE) -> None:
+    """Store hil/deadline_vs_device.py's summary rows (ALLOWANCE_KEYS) atomically."""
+    doc = {"command": command, "calibration": DEFAULT_CALIBRATION.name,
+           "allowances": [{k: row[k] for k in ALLOWANCE_KEYS} for row in rows]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)
+
+
+@dataclass(frozen=True)
 class Estimate:
     per_step: float
     per_window: float
@@ -180,19 +233,25 @@ class Estimate:
 
 
 class CostModel:
-    """Fits per (board, variant), and latency estimates for model shapes."""
+    """Fits per (board, variant), latency estimates for model shapes, and the device allowances that turn an
+    estimate of the longest step into an upper bound (``allowances``, by (board, variant))."""
 
-    def __init__(self, measurements: Sequence[Measurement], source: str = "") -> None:
+    def __init__(self, measurements: Sequence[Measurement], source: str = "",
+                 allowances: dict[tuple[str, str], Allowance] | None = None) -> None:
         groups: dict[tuple[str, str], list[Measurement]] = {}
         for m in measurements:
             groups.setdefault((m.board, m.variant), []).append(m)
         self.fits = {key: fit_group(group) for key, group in sorted(groups.items())}
         self.source = source
+        self.allowances = allowances or {}
 
     @classmethod
     def from_files(cls, paths: Sequence[str | Path]) -> CostModel:
-        """One model over the measurements of every file (the suite's results and extra calibrations)."""
-        return cls([m for path in paths for m in load_measurements(path)], ", ".join(map(str, paths)))
+        """One model over the measurements of every file (the suite's results and extra calibrations). The fit of
+        DEFAULT_CALIBRATION alone gets the allowances of DEFAULT_ALLOWANCE, which were measured against it."""
+        default = [Path(p).resolve() for p in paths] == [DEFAULT_CALIBRATION]
+        allowances = load_allowances() if default and DEFAULT_ALLOWANCE.is_file() else None
+        return cls([m for path in paths for m in load_measurements(path)], ", ".join(map(str, paths)), allowances)
 
     def boards(self) -> list[str]:
         return sorted({board for board, _ in self.fits})

@@ -928,7 +928,8 @@ def summary_text(result: RunResult) -> str:
     if bench and bench.get("deadline"):
         lines.append(f"  {'real time':<10} measured {Deadline.from_dict(bench['deadline']).text()}")
     elif s.get("plan", {}).get("deadline"):
-        lines.append(f"  {'real time':<10} predicted {Deadline.from_dict(s['plan']['deadline']).text()}")
+        planned = Deadline.from_dict(s["plan"]["deadline"])
+        lines.append(f"  {'real time':<10} {'bound' if planned.upper_bound else 'predicted'} {planned.text()}")
     if build and build.get("linker"):
         linker, plan = build["linker"], s["plan"]
         lines.append(f"  {'memory':<10} RAM {linker['ram']:,} / {plan['ram']['capacity']:,} B (.data+.bss; "

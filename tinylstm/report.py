@@ -441,7 +441,7 @@ def real_time_card(plan: dict[str, Any] | None, bench: dict[str, Any] | None) ->
     if measured:
         values.append(("measured step", duration(measured.step_seconds)))
     if planned and planned.step_seconds is not None:
-        values.append(("predicted step", duration(planned.step_seconds)))
+        values.append(("step bound" if planned.upper_bound else "predicted step", duration(planned.step_seconds)))
     if shown.step_seconds is None:
         return {"title": f"real time at {shown.sample_rate_hz:g} Hz", "values": values,
                 "detail": f"not checked: {shown.note}", "ok": None}
