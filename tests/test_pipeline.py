@@ -234,8 +234,8 @@ def test_bench_measures_the_step_against_the_sample_period(tmp_path):
     # The measured mean step includes each window's reset and its one head; the prediction is the last step
     # (step + head). They agree to well within a factor of two.
     assert 0.5 < measured["step_s"] / planned["step_s"] < 2.0
-    assert "real time  measured step" in pipeline.summary_text(first)
-    assert "measured step" in (out / "report.html").read_text()
+    assert "real time  measured mean step" in pipeline.summary_text(first)
+    assert "measured mean step" in (out / "report.html").read_text()
     second = run(50.0)
     assert second.ran == ["data", "plan", "bench", "report"] and "firmware" in second.cached
     assert json.loads((out / "bench" / "bench.json").read_text())["deadline"]["sample_rate_hz"] == 50.0

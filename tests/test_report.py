@@ -125,7 +125,7 @@ def test_real_time_card_shows_the_measured_margin_beside_the_prediction():
     measured = timed(board, 30_000, "cycles", 400.0, 0.1, "measured").to_dict()
     card = report.real_time_card({"deadline": planned}, {"deadline": measured})
     assert card["title"] == "real time at 400 Hz" and card["ok"] is True
-    assert card["values"] == [("period", "2.5 ms"), ("measured step", "1.88 ms"), ("predicted step", "1.25 ms")]
+    assert card["values"] == [("period", "2.5 ms"), ("measured mean step", "1.88 ms"), ("predicted step", "1.25 ms")]
     assert card["detail"].startswith("device: uses 75% of the period")
     slow = timed(board, 60_000, "cycles", 400.0, 0.1, "measured").to_dict()  # 3.75 ms
     card = report.real_time_card({"deadline": planned}, {"deadline": slow})

@@ -687,7 +687,7 @@ def stage_bench(ctx: Context, out: Path) -> tuple[dict[str, Any], str] | None:
     sample = sample_text(summary["sample"], entry["windows"], test_windows)
     line = f"{exact} ({sample}); median {per_window['median']:,.0f} {info.unit} per window; {device}"
     if measured:
-        line += f"; measured {measured.text()}"
+        line += f"; measured mean {measured.text()}"
     return summary, line
 
 
@@ -926,7 +926,7 @@ def summary_text(result: RunResult) -> str:
         line += build_label(build)
         lines.append(line + ")")
     if bench and bench.get("deadline"):
-        lines.append(f"  {'real time':<10} measured {Deadline.from_dict(bench['deadline']).text()}")
+        lines.append(f"  {'real time':<10} measured mean {Deadline.from_dict(bench['deadline']).text()}")
     elif s.get("plan", {}).get("deadline"):
         planned = Deadline.from_dict(s["plan"]["deadline"])
         lines.append(f"  {'real time':<10} {'bound' if planned.upper_bound else 'predicted'} {planned.text()}")

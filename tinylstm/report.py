@@ -439,7 +439,7 @@ def real_time_card(plan: dict[str, Any] | None, bench: dict[str, Any] | None) ->
         return None
     values = [("period", duration(shown.period))]
     if measured:
-        values.append(("measured step", duration(measured.step_seconds)))
+        values.append(("measured mean step", duration(measured.step_seconds)))
     if planned and planned.step_seconds is not None:
         values.append(("step bound" if planned.upper_bound else "predicted step", duration(planned.step_seconds)))
     if shown.step_seconds is None:
